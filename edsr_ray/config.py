@@ -1,0 +1,448 @@
+"""Typed, frozen configuration loaded from YAML with dotted command-line overrides.
+
+Every section is a frozen dataclass that validates itself in ``__post_init__``; :func:`load_config` turns a YAML file
+plus overrides such as ``train.lr=2e-4`` into an :class:`ExperimentConfig`, and any unknown key, wrong type or invalid
+value is a :class:`~edsr_ray.errors.ConfigError` that names the file and the dotted key, raised before any work starts.
+At the Ray boundary configs travel as plain dicts (:func:`to_dict`) and are rebuilt with :func:`from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from edsr_ray.errors import ConfigError
+
+SCALES = (2, 3, 4)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ARCHS = ("edsr", "mdsr")
+
+T = TypeVar("T")
+
+
+class _FieldError(Exception):
+    """Raised inside ``__post_init__``; the loader adds the section path and the file name."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(key, message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of an EDSR or MDSR network (everything needed to rebuild it from weights)."""
+
+    arch: str = "edsr"
+    n_resblocks: int = 16
+    n_feats: int = 64
+    # EDSR has exactly one scale; MDSR one upsampling branch per listed scale (official order 2, 3, 4).
+    scales: tuple[int, ...] = (2,)
+    res_scale: float = 1.0
+    n_colors: int = 3
+    rgb_range: int = 255
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ARCHS, "arch", f"must be one of {list(ARCHS)}, got {self.arch!r}")
+        _require(self.n_resblocks >= 1, "n_resblocks", f"must be >= 1, got {self.n_resblocks}")
+        _require(self.n_feats >= 1, "n_feats", f"must be >= 1, got {self.n_feats}")
+        _require(len(self.scales) >= 1, "scales", "must list at least one scale")
+        for s in self.scales:
+            _require(s in SCALES, "scales", f"scale {s} is not supported; choose from {list(SCALES)}")
+        _require(len(set(self.scales)) == len(self.scales), "scales", f"repeated scale in {list(self.scales)}")
+        if self.arch == "edsr":
+            _require(len(self.scales) == 1, "scales", f"an EDSR model has one scale, got {list(self.scales)}")
+        _require(self.res_scale > 0, "res_scale", f"must be > 0, got {self.res_scale}")
+        _require(self.n_colors in (1, 3), "n_colors", f"must be 1 or 3, got {self.n_colors}")
+        _require(self.rgb_range > 0, "rgb_range", f"must be > 0, got {self.rgb_range}")
+
+    @property
+    def scale(self) -> int:
+        """The single scale of an EDSR model (the first scale of an MDSR model)."""
+        return self.scales[0]
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Object-storage settings; unset fields fall back to the standard AWS environment and config files.
+
+    Credentials are never part of the config: they come from the environment or the named profile, so they are
+    never logged with the config.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    max_attempts: int = 5
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _require(self.max_attempts >= 1, "max_attempts", f"must be >= 1, got {self.max_attempts}")
+        _require(self.connect_timeout_s > 0, "connect_timeout_s", f"must be > 0, got {self.connect_timeout_s}")
+        _require(self.read_timeout_s > 0, "read_timeout_s", f"must be > 0, got {self.read_timeout_s}")
+        if self.endpoint_url is not None:
+            _require(
+                self.endpoint_url.startswith(("http://", "https://")),
+                "endpoint_url",
+                f"must start with http:// or https://, got {self.endpoint_url!r}",
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training images live and how patches are cut from them."""
+
+    # Dataset root (``s3://bucket/prefix`` or a folder) as written by ``jobs/ingest.py``; holds ``manifest.parquet``.
+    root: str = ""
+    # Image ids (1-based DIV2K numbering) used for training and validation, inclusive.
+    train_range: tuple[int, int] = (1, 800)
+    val_range: tuple[int, int] = (801, 810)
+    patch_size: int = 48  # LR patch side; the HR patch is patch_size * scale
+    augment: bool = True  # random hflip, vflip and transpose
+    # Patches cut from one decoded image before moving on (decoding a 2K PNG costs far more than cutting a patch).
+    patches_per_image: int = 64
+    # Patches per training epoch; one epoch of the stream is a fresh set of random crops.
+    epoch_patches: int = 16_000
+    # Validation on HR centre crops of at most this side (None: whole images, as in the paper).
+    val_max_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("train_range", "val_range"):
+            lo, hi = getattr(self, key)
+            _require(1 <= lo <= hi, key, f"must be [first, last] with 1 <= first <= last, got {[lo, hi]}")
+        _require(self.patch_size >= 8, "patch_size", f"must be >= 8, got {self.patch_size}")
+        _require(self.patches_per_image >= 1, "patches_per_image", f"must be >= 1, got {self.patches_per_image}")
+        _require(self.epoch_patches >= 1, "epoch_patches", f"must be >= 1, got {self.epoch_patches}")
+        if self.val_max_size is not None:
+            _require(self.val_max_size >= 16, "val_max_size", f"must be >= 16 or null, got {self.val_max_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation recipe. Defaults are the paper's: L1, Adam(0.9, 0.999, 1e-8), lr 1e-4 halved every 2e5 updates."""
+
+    batch_size: int = 16  # global batch: split evenly over the workers
+    lr: float = 1e-4
+    lr_step: int = 200_000
+    lr_gamma: float = 0.5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    total_steps: int = 300_000
+    val_every: int = 10_000
+    log_every: int = 100
+    # Initial weights: an official .pt, a project checkpoint, or an MLflow ``models:/`` URI (e.g. an x2 model for x3).
+    init_from: str | None = None
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.lr_step >= 1, "lr_step", f"must be >= 1, got {self.lr_step}")
+        _require(0 < self.lr_gamma <= 1, "lr_gamma", f"must be in (0, 1], got {self.lr_gamma}")
+        _require(all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {list(self.betas)}")
+        _require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _require(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
+        _require(self.val_every >= 1, "val_every", f"must be >= 1, got {self.val_every}")
+        _require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        _require(
+            self.precision in ("auto", "fp32", "bf16"),
+            "precision",
+            f"must be auto, fp32 or bf16, got {self.precision!r}",
+        )
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """Ray Train scaling: how many workers and what each one holds."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        _require(
+            self.placement_strategy in strategies,
+            "placement_strategy",
+            f"must be one of {list(strategies)}, got {self.placement_strategy!r}",
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a training run keeps its checkpoints, and how it survives failures."""
+
+    name: str = "edsr"
+    # Local folder or ``s3://bucket/prefix``; re-running with the same name and storage resumes the run.
+    storage_path: str = "~/.edsr-ray/runs"
+    max_failures: int = 2
+    num_to_keep: int = 2
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}"
+        )
+        _require(bool(self.storage_path), "storage_path", "must not be empty")
+        _require(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}")
+        _require(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking. No URI: ``MLFLOW_TRACKING_URI`` if set, else a sqlite file in the embedded data directory."""
+
+    tracking_uri: str | None = None
+    experiment: str = "edsr-ray"
+    registered_model: str | None = None
+    log_images: bool = True
+
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment), "experiment", "must not be empty")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How images are upscaled: tiling, self-ensemble, precision and the decompression-bomb limit."""
+
+    tile: int | None = None  # LR tile side; None: whole image when it fits
+    self_ensemble: bool = False
+    precision: str = "auto"
+    max_pixels: int = 40_000_000  # input pixels; larger images are refused before decoding
+
+    def __post_init__(self) -> None:
+        if self.tile is not None:
+            _require(self.tile >= 8, "tile", f"must be >= 8 or null, got {self.tile}")
+        _require(
+            self.precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}"
+        )
+        _require(self.max_pixels >= 1, "max_pixels", f"must be >= 1, got {self.max_pixels}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole job: model, data, optimisation, workers, run storage, tracking, object storage and inference."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.train.batch_size % self.workers.num_workers == 0,
+            "train.batch_size",
+            f"global batch {self.train.batch_size} must divide evenly over {self.workers.num_workers} workers",
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/override value to the annotated type, or raise _FieldError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "yes", "on")
+        raise _FieldError(key, f"expected true or false, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise _FieldError(key, f"expected an integer, got {_describe(value)}")
+        if isinstance(value, int):
+            return value
+        # YAML 1.1 reads ``2e5`` as a string; accept numbers written that way when they are whole.
+        try:
+            number = float(value) if isinstance(value, (str, float)) else None
+        except ValueError:
+            number = None
+        if number is not None and number.is_integer():
+            return int(number)
+        raise _FieldError(key, f"expected an integer, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise _FieldError(key, f"expected a number, got {_describe(value)}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _FieldError(key, f"expected a number, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _FieldError(key, f"expected a string, got {_describe(value)}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]() ").split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise _FieldError(key, f"expected a list of {len(args)} values, got {_describe(list(value))}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type[T], data: Any, path: str) -> T:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise _FieldError(path, f"expected a mapping of keys, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise _FieldError(where, f"unknown key; valid keys here are {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{path}.{name}" if path else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            try:
+                kwargs[name] = _coerce(value, tp, key)
+            except _FieldError as exc:
+                raise _FieldError(key, exc.message) from None
+    try:
+        return cls(**kwargs)
+    except _FieldError as exc:
+        if "." in exc.key:  # a cross-section check already names its full key
+            raise
+        raise _FieldError(f"{path}.{exc.key}" if path else exc.key, exc.message) from None
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, source: str = "<dict>") -> T:
+    """Build (and validate) the dataclass ``cls`` from plain data; errors name ``source`` and the dotted key."""
+    try:
+        return _build(cls, data, "")
+    except _FieldError as exc:
+        raise ConfigError(f"{source}: {exc.key}: {exc.message}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) that survives pickling, JSON and YAML; inverse of :func:`from_dict`."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """Dotted ``section.key -> value`` pairs, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, d: Mapping[str, Any]) -> None:
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, Mapping):
+                walk(key, v)
+            else:
+                out[key] = v
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str], *, source: str) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to nested plain data, returning a new dict."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        dotted = dotted.strip()
+        if not dotted or any(not part for part in dotted.split(".")):
+            raise ConfigError(f"{source}: override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Iterable[str] = (), cls: type[T] = ExperimentConfig
+) -> T:
+    """Load ``path`` (YAML) into ``cls`` with dotted overrides applied; every error names the file and key."""
+    source = str(path) if path is not None else "<defaults>"
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config file: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    overrides = list(overrides)
+    if overrides:
+        data = apply_overrides(data, overrides, source=f"{source} (command-line overrides)")
+    return from_dict(cls, data, source=source)

@@ -1,0 +1,32 @@
+"""Exceptions that carry a message meant for the user.
+
+Every error a user can cause (a bad config key, a corrupt image, a checkpoint of the wrong architecture, an
+unreachable endpoint) is raised as a subclass of :class:`EdsrRayError`, so entry points can print the message and exit
+non-zero instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+
+class EdsrRayError(Exception):
+    """Base class: the message alone tells the user what is wrong and where."""
+
+
+class ConfigError(EdsrRayError, ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, value out of range)."""
+
+
+class ImageError(EdsrRayError, ValueError):
+    """An image cannot be decoded, is too large, or has a mode that cannot be handled."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image declares more pixels than the configured limit (decompression-bomb guard)."""
+
+
+class ModelLoadError(EdsrRayError, ValueError):
+    """A weights file cannot be loaded: unsafe pickle, not an EDSR/MDSR state dict, wrong architecture."""
+
+
+class StorageError(EdsrRayError, OSError):
+    """Object storage or the local file system failed (unreachable endpoint, missing key, denied access)."""
