@@ -36,3 +36,18 @@ def photos() -> dict[str, np.ndarray]:
 def photo(photos) -> np.ndarray:
     """One real photograph, 400x600 RGB."""
     return photos["coffee"]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A running embedded S3 server (SeaweedFS on 127.0.0.1) with bucket ``edsr``, shared by the whole session.
+
+    Its ``AWS_*`` variables (endpoint, credentials, region) are set in ``os.environ`` for the session, so
+    ``edsr_ray.storage`` with ``cfg=None``, pyarrow, Ray workers and MLflow all reach it; they are restored afterwards.
+    """
+    from edsr_ray.objectstore import EmbeddedS3
+
+    with EmbeddedS3(tmp_path_factory.mktemp("s3"), buckets=("edsr",)) as server, pytest.MonkeyPatch.context() as mp:
+        for key, value in server.env().items():
+            mp.setenv(key, value)
+        yield server

@@ -1,0 +1,627 @@
+"""Image arithmetic and codecs: MATLAB-compatible bicubic resizing, the paper's luma, safe decoding and fast encoding.
+
+* :func:`imresize` reproduces MATLAB's ``imresize(img, scale, 'bicubic')``, the function that made DIV2K's LR images
+  and every benchmark LR set. PIL's bicubic uses another kernel support and no such antialiasing, so models trained or
+  evaluated on PIL-made LR images do not reproduce the paper's numbers.
+* :func:`rgb_to_y` is the ITU-R BT.601 luma used by the paper's evaluation.
+* :func:`decode_image` turns untrusted bytes into arrays (RGB, optional alpha, 8 or 16 bit) behind a
+  decompression-bomb guard; :func:`encode_image` writes PNG (lossless, fast), JPEG or WebP.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from edsr_ray.errors import ImageError, ImageTooLargeError
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS_DEFAULT = 40_000_000
+"""Default decompression-bomb limit: width × height above this is refused before decoding (40 MP ≈ 7750×5160)."""
+
+# Canonical extension written for each output format.
+FORMAT_EXTENSIONS: dict[str, str] = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_FORMAT_ALIASES = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
+_EXTENSION_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_EXIF_ORIENTATION = 0x0112
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MATLAB-compatible bicubic resize
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel with a = -0.5 (MATLAB's 'bicubic'), support [-2, 2]."""
+    ax = np.abs(x)
+    ax2 = ax * ax
+    ax3 = ax2 * ax
+    near = (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1)
+    far = (-0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0) * ((ax > 1) & (ax <= 2))
+    return near + far
+
+
+def _contributions(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and 0-based source indices, both (out_len, taps), for resizing one axis.
+
+    Follows MATLAB's definition: output pixel x (1-based) samples input position u = x/scale + 0.5·(1 - 1/scale);
+    when shrinking, the kernel is stretched by 1/scale (and scaled down) so it also low-passes (antialiasing);
+    weights are normalised to sum 1; indices outside the image are mirrored (half-sample symmetric, the edge pixel
+    repeated); taps whose weight is zero for every output pixel are dropped.
+    """
+    if scale < 1.0:
+
+        def kernel(d: np.ndarray) -> np.ndarray:
+            return scale * _cubic(scale * d)
+
+        width = 4.0 / scale
+    else:
+        kernel = _cubic
+        width = 4.0
+    x = np.arange(1, out_len + 1, dtype=np.float64)
+    u = x / scale + 0.5 * (1.0 - 1.0 / scale)
+    left = np.floor(u - width / 2.0)
+    taps = math.ceil(width) + 2
+    idx = left[:, None] + np.arange(taps, dtype=np.float64)  # (out_len, taps), 1-based like MATLAB
+    weights = kernel(u[:, None] - idx)
+    weights /= weights.sum(axis=1, keepdims=True)
+    # Mirror into [1, in_len]: the sequence 1..n, n..1 repeated (MATLAB's aux = [1:n, n:-1:1]).
+    period = 2 * in_len
+    m = np.mod(idx.astype(np.int64) - 1, period)
+    indices = np.where(m < in_len, m, period - 1 - m)
+    keep = np.any(weights != 0, axis=0)
+    return weights[:, keep], indices[:, keep]
+
+
+def _resize_axis(x: np.ndarray, axis: int, weights: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Weighted gather along one axis: out[i] = sum_p weights[i, p] * x[indices[i, p]] (float64)."""
+    bshape = [1] * x.ndim
+    bshape[axis] = -1
+    out = None
+    # One pass per tap keeps memory at two output-sized buffers, instead of a (out, taps, ...) gather.
+    for p in range(weights.shape[1]):
+        term = np.take(x, indices[:, p], axis=axis) * weights[:, p].reshape(bshape)
+        if out is None:
+            out = term
+        else:
+            out += term
+    return out
+
+
+def _round_to_integer_range(x: np.ndarray, max_value: int) -> np.ndarray:
+    """Saturate and round half away from zero, as MATLAB does when storing a double into uint8/uint16."""
+    np.clip(x, 0, max_value, out=x)
+    x += 0.5
+    np.floor(x, out=x)
+    return x
+
+
+def imresize(
+    image: np.ndarray,
+    scale: float | tuple[float, float] | None = None,
+    *,
+    output_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Resize like MATLAB's ``imresize(image, scale)`` with the default bicubic method and antialiasing.
+
+    Give either ``scale`` (a number, or (row, column) factors; output size is ceil(in × scale) as in MATLAB) or
+    ``output_shape`` (rows, columns; the factors are then out / in). ``image`` is (H, W) or (H, W, C).
+
+    uint8 and uint16 images come back in the same dtype: MATLAB stores the result of each 1-D pass in the input
+    class, so the pass along the first axis is rounded and clipped before the second one, and so is this. Float
+    images are computed in float64 and returned in their own dtype, unclipped (bicubic overshoots slightly).
+    The axis with the smaller factor is resized first (MATLAB's order; rows first on ties).
+    """
+    image = np.asarray(image)
+    if image.ndim not in (2, 3):
+        raise ImageError(f"imresize expects an (H, W) or (H, W, C) array, got shape {image.shape}")
+    if image.dtype == np.uint8 or image.dtype == np.uint16:
+        max_value: int | None = int(np.iinfo(image.dtype).max)
+    elif np.issubdtype(image.dtype, np.floating):
+        max_value = None
+    else:
+        raise ImageError(f"imresize supports uint8, uint16 and float images, got dtype {image.dtype}")
+    in_shape = image.shape[:2]
+    if min(in_shape) < 1:
+        raise ImageError(f"imresize got an empty image of shape {image.shape}")
+
+    if (scale is None) == (output_shape is None):
+        raise ValueError("imresize needs exactly one of scale or output_shape")
+    if scale is not None:
+        factors = (float(scale), float(scale)) if np.isscalar(scale) else tuple(float(s) for s in scale)
+        if len(factors) != 2 or not all(math.isfinite(s) and s > 0 for s in factors):
+            raise ValueError(f"imresize scale must be a positive number or a (rows, cols) pair, got {scale!r}")
+        out_shape = tuple(math.ceil(f * n) for f, n in zip(factors, in_shape))
+    else:
+        out_shape = tuple(int(n) for n in output_shape)
+        if len(out_shape) != 2 or min(out_shape) < 1:
+            raise ValueError(f"imresize output_shape must be two positive sizes, got {output_shape!r}")
+        factors = tuple(o / n for o, n in zip(out_shape, in_shape))
+
+    order = sorted((0, 1), key=lambda axis: factors[axis])  # stable: rows first on ties, like MATLAB's sort
+    out = image  # the first pass gathers from the input directly; its products are float64
+    for axis in order:
+        if out_shape[axis] == in_shape[axis] and factors[axis] == 1.0:
+            continue  # identity weights; MATLAB takes a pure-indexing shortcut here
+        weights, indices = _contributions(in_shape[axis], out_shape[axis], factors[axis])
+        out = _resize_axis(out, axis, weights, indices)
+        if max_value is not None:
+            out = _round_to_integer_range(out, max_value)
+    return out.astype(image.dtype)
+
+
+def rgb_to_y(image: np.ndarray) -> np.ndarray:
+    """Luma Y = 16 + (65.738 R + 129.057 G + 25.064 B) / 256 as float64 (H, W), for RGB in the 0-255 range.
+
+    This is ITU-R BT.601 studio-swing luma (Y in [16, 235]), MATLAB's ``rgb2ycbcr`` applied to uint8 images, as used
+    by the paper's evaluation and by every SR benchmark table since SRCNN.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ImageError(f"rgb_to_y expects an (H, W, 3) RGB array, got shape {image.shape}")
+    if image.dtype == np.uint16:
+        raise ImageError("rgb_to_y expects values in the 0-255 range; reduce uint16 images to 8 bit first")
+    rgb = image.astype(np.float64)
+    return 16.0 + (65.738 * rgb[..., 0] + 129.057 * rgb[..., 1] + 25.064 * rgb[..., 2]) / 256.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoded image container
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """Pixels of one decoded image, always RGB so models see 3 channels, plus what is needed to write it back.
+
+    ``rgb`` is (H, W, 3) uint8 or uint16 (``bit_depth`` 8 or 16); ``alpha`` is (H, W) in the same dtype or None;
+    ``grey`` says the source had no colour (its three channels are equal), so an encoder can write it back as grey;
+    ``format`` is Pillow's format name ("PNG", "JPEG", "WEBP", ...; None for arrays) and ``mode`` the source's
+    Pillow mode ("RGB", "P", "CMYK", "I;16", ...), kept for logs and diagnostics.
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None = None
+    bit_depth: int = 8
+    grey: bool = False
+    format: str | None = None
+    mode: str = "RGB"
+
+    def __post_init__(self) -> None:
+        expected = {8: np.uint8, 16: np.uint16}.get(self.bit_depth)
+        if expected is None:
+            raise ImageError(f"bit_depth must be 8 or 16, got {self.bit_depth!r}")
+        if self.rgb.ndim != 3 or self.rgb.shape[2] != 3 or self.rgb.dtype != expected:
+            raise ImageError(
+                f"DecodedImage.rgb must be (H, W, 3) {np.dtype(expected).name} for bit_depth {self.bit_depth}, "
+                f"got {self.rgb.shape} {self.rgb.dtype}"
+            )
+        if self.alpha is not None and (self.alpha.shape != self.rgb.shape[:2] or self.alpha.dtype != expected):
+            raise ImageError(
+                f"DecodedImage.alpha must be {self.rgb.shape[:2]} {np.dtype(expected).name}, "
+                f"got {self.alpha.shape} {self.alpha.dtype}"
+            )
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> DecodedImage:
+        """Wrap an (H, W) grey, (H, W, 2) grey+alpha, (H, W, 3) RGB or (H, W, 4) RGBA uint8/uint16 array."""
+        array = np.asarray(array)
+        if array.dtype not in (np.uint8, np.uint16):
+            raise ImageError(f"image arrays must be uint8 or uint16, got dtype {array.dtype}")
+        bit_depth = 8 if array.dtype == np.uint8 else 16
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[..., 0]
+        if array.ndim == 2:
+            return cls(np.repeat(array[..., None], 3, axis=2), None, bit_depth, True, None, "L")
+        if array.ndim == 3 and array.shape[2] == 2:
+            rgb = np.repeat(array[..., :1], 3, axis=2)
+            return cls(rgb, np.ascontiguousarray(array[..., 1]), bit_depth, True, None, "LA")
+        if array.ndim == 3 and array.shape[2] in (3, 4):
+            alpha = np.ascontiguousarray(array[..., 3]) if array.shape[2] == 4 else None
+            mode = "RGBA" if alpha is not None else "RGB"
+            return cls(np.ascontiguousarray(array[..., :3]), alpha, bit_depth, False, None, mode)
+        raise ImageError(f"image arrays must be (H, W), (H, W, 2), (H, W, 3) or (H, W, 4), got shape {array.shape}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PngInfo:
+    width: int
+    height: int
+    bit_depth: int
+    color_type: int
+    trns: bytes | None
+    exif: bytes | None
+
+
+def _png_ihdr(data: bytes, name: str) -> tuple[int, int, int, int]:
+    """(width, height, bit_depth, color_type) from the IHDR chunk, which must directly follow the signature."""
+    if len(data) < 33:
+        raise ImageError(f"{name}: truncated PNG ({len(data)} bytes, the header alone needs 33)")
+    length, ctype = struct.unpack(">I4s", data[8:16])
+    if ctype != b"IHDR" or length != 13:
+        raise ImageError(f"{name}: corrupt PNG: the first chunk is {ctype!r} of {length} bytes, not a 13-byte IHDR")
+    if zlib.crc32(data[12:29]) != struct.unpack(">I", data[29:33])[0]:
+        raise ImageError(f"{name}: corrupt PNG: IHDR checksum mismatch")
+    width, height, bit_depth, color_type = struct.unpack(">IIBB", data[16:26])
+    if width == 0 or height == 0:
+        raise ImageError(f"{name}: corrupt PNG: declares a {width}x{height} image")
+    return width, height, bit_depth, color_type
+
+
+def _png_info(data: bytes, name: str) -> _PngInfo:
+    """Walk every chunk: check structure and checksums, find tRNS and eXIf, insist on IDAT and IEND.
+
+    libspng (our fast decoder) is told to trust checksums and stops reading after the image data, so truncation and
+    corruption are caught here, with the chunk and offset named.
+    """
+    width, height, bit_depth, color_type = _png_ihdr(data, name)
+    view = memoryview(data)
+    pos, trns, exif, seen_idat = 8, None, None, False
+    while True:
+        if pos + 12 > len(data):
+            raise ImageError(f"{name}: truncated PNG: the file ends at byte {len(data)} before the IEND chunk")
+        length, ctype = struct.unpack(">I4s", view[pos : pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            raise ImageError(
+                f"{name}: truncated PNG: chunk {ctype.decode('latin-1')!r} at byte {pos} declares {length} bytes "
+                f"but the file ends at byte {len(data)}"
+            )
+        crc_ok = zlib.crc32(view[pos + 4 : pos + 8 + length]) == struct.unpack(">I", view[end - 4 : end])[0]
+        critical = not (ctype[0] & 0x20)  # lowercase first letter = ancillary chunk
+        if not crc_ok and critical:
+            raise ImageError(f"{name}: corrupt PNG: checksum mismatch in chunk {ctype.decode('latin-1')!r}")
+        if not crc_ok:
+            # As libpng does by default: a damaged ancillary chunk is dropped, the image is still good.
+            log.warning("%s: ignoring PNG chunk %r with a bad checksum", name, ctype)
+        elif ctype == b"IDAT":
+            seen_idat = True
+        elif ctype == b"tRNS":
+            trns = bytes(view[pos + 8 : pos + 8 + length])
+        elif ctype == b"eXIf":
+            exif = bytes(view[pos + 8 : pos + 8 + length])
+        elif ctype == b"IEND":
+            break
+        pos = end
+    if not seen_idat:
+        raise ImageError(f"{name}: corrupt PNG: no image data (IDAT chunk)")
+    return _PngInfo(width, height, bit_depth, color_type, trns, exif)
+
+
+def _open_pillow(data: bytes, name: str) -> Image.Image:
+    """Image.open on bytes, with Pillow's failures turned into ImageError naming the input."""
+    try:
+        # Our own max_pixels check (made by the caller or right after this) is the authority on size, so Pillow's
+        # generic decompression-bomb warning is noise here; its hard error is still converted below. (The filter
+        # change is process-wide; a race with another thread can at worst show or hide this one warning.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name}: refused by Pillow's decompression-bomb limit: {exc}") from None
+    except UnidentifiedImageError:
+        head = data[:8].hex(" ")
+        raise ImageError(f"{name}: not a recognised image format ({len(data)} bytes starting {head})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise ImageError(f"{name}: corrupt image header: {exc}") from None
+
+
+def probe_image(data: bytes, *, name: str = "<bytes>") -> tuple[int, int, str | None]:
+    """(width, height, format) read from the header only, without decoding pixels."""
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    if data[:8] == _PNG_SIGNATURE:
+        width, height, _, _ = _png_ihdr(data, name)
+        return width, height, "PNG"
+    with _open_pillow(data, name) as im:
+        return im.width, im.height, im.format
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
+            "(decompression-bomb guard; raise max_pixels to accept larger images)"
+        )
+
+
+def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) to an (H, W, ...) array so it displays upright."""
+    if orientation == 2:
+        return array[:, ::-1]
+    if orientation == 3:
+        return array[::-1, ::-1]
+    if orientation == 4:
+        return array[::-1]
+    if orientation == 5:
+        return array.swapaxes(0, 1)
+    if orientation == 6:
+        return array[::-1].swapaxes(0, 1)  # 90° clockwise
+    if orientation == 7:
+        return array[::-1, ::-1].swapaxes(0, 1)
+    if orientation == 8:
+        return array[:, ::-1].swapaxes(0, 1)  # 90° counter-clockwise
+    return array
+
+
+def _exif_orientation(exif: Image.Exif | bytes | None, name: str) -> int:
+    """The EXIF orientation tag (1 when absent, unreadable or out of range)."""
+    try:
+        if isinstance(exif, bytes):
+            parsed = Image.Exif()
+            parsed.load(exif)
+            exif = parsed
+        value = int(exif.get(_EXIF_ORIENTATION, 1)) if exif is not None else 1
+    except Exception as exc:  # broken metadata must not make the pixels unreadable
+        log.warning("%s: ignoring unreadable EXIF data: %s", name, exc)
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _finish(
+    luma_or_rgb: np.ndarray, alpha: np.ndarray | None, orientation: int, fmt: str | None, mode: str
+) -> DecodedImage:
+    """Build the DecodedImage: expand grey to RGB, apply the orientation, make arrays contiguous and writable."""
+
+    def own(array: np.ndarray) -> np.ndarray:
+        array = np.ascontiguousarray(_orient(array, orientation))
+        return array if array.flags.writeable else array.copy()  # views of Pillow's buffer are read-only
+
+    grey = luma_or_rgb.ndim == 2
+    rgb = own(np.repeat(luma_or_rgb[..., None], 3, axis=2) if grey else luma_or_rgb)
+    alpha = None if alpha is None else own(alpha)
+    bit_depth = 16 if rgb.dtype == np.uint16 else 8
+    return DecodedImage(rgb, alpha, bit_depth, grey, fmt, mode)
+
+
+def _decode_png_fast(data: bytes, info: _PngInfo, name: str) -> DecodedImage:
+    """8/16-bit grey, grey+alpha, RGB and RGBA PNGs through libspng (faster than Pillow, and keeps 16 bit)."""
+    import pyspng
+
+    ct, depth = info.color_type, info.bit_depth
+    try:
+        if ct == 4 and depth == 16:
+            # libspng cannot output grey+alpha for grey+alpha sources, and pyspng's public load() offers no 16-bit
+            # format choice, so ask its binding for RGBA16 directly: (H, W, 4) with R = G = B = grey.
+            from pyspng import _pyspng_c
+
+            pixels = _pyspng_c.spng_decode_image_bytes(data, _pyspng_c.SPNG_FMT_RGBA16)
+        elif ct == 4:
+            pixels = pyspng.load(data, "RGBA")  # (H, W, 4) with R = G = B = grey, for the same reason
+        else:
+            pixels = pyspng.load(data)  # grey 8 → (H, W), else (H, W, C); 16-bit grey/RGB come with opaque alpha
+    except RuntimeError as exc:
+        raise ImageError(f"{name}: corrupt PNG: {exc}") from None
+    alpha = None
+    if ct in (0, 2):
+        colour = pixels if pixels.ndim == 2 else pixels[..., 0] if ct == 0 else pixels[..., :3]
+        if info.trns is not None:
+            # tRNS on grey/RGB names one sample value (2 bytes per channel, big-endian) that is fully transparent.
+            key = np.array(struct.unpack(f">{len(info.trns) // 2}H", info.trns[: len(info.trns) // 2 * 2]))
+            match = colour == key[0] if ct == 0 else np.all(colour == key[:3], axis=-1)
+            alpha = np.where(match, 0, (1 << depth) - 1).astype(colour.dtype)
+    else:  # 4 = grey + alpha, 6 = RGBA
+        colour = pixels[..., 0] if ct == 4 else pixels[..., :3]
+        alpha = pixels[..., -1]
+    mode = {0: "I;16" if depth == 16 else "L", 2: "RGB", 4: "LA", 6: "RGBA"}[ct]
+    return _finish(colour, alpha, _exif_orientation(info.exif, name), "PNG", mode)
+
+
+_GREY_MODES = {"1", "L", "LA", "La"}
+_SIXTEEN_BIT_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+_COLOUR_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def _pixels(im: Image.Image, mode: str) -> np.ndarray:
+    """Pixels of ``im`` in ``mode``, skipping the copy convert() makes when the mode already matches."""
+    return np.asarray(im if im.mode == mode else im.convert(mode))
+
+
+def _decode_pillow(data: bytes, name: str) -> DecodedImage:
+    """Everything that is not a plain 8/16-bit PNG: JPEG, WebP, palette PNG, GIF, BMP, TIFF, ... (first frame)."""
+    with _open_pillow(data, name) as im:
+        fmt, mode = im.format, im.mode
+        try:
+            # Decode now, so truncation surfaces here. Pillow raises on truncated data unless some other code set
+            # ImageFile.LOAD_TRUNCATED_IMAGES globally; this module never does.
+            im.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"{name}: refused by Pillow's decompression-bomb limit: {exc}") from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+            raise ImageError(f"{name}: cannot decode {fmt or 'image'} data: {exc}") from None
+        orientation = _exif_orientation(im.getexif(), name)
+        has_alpha = im.has_transparency_data
+        if mode in _SIXTEEN_BIT_GREY_MODES:
+            colour, alpha = np.array(im).astype(np.uint16), None
+        elif mode == "I":
+            values = np.array(im)
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                raise ImageError(
+                    f"{name}: 32-bit integer samples span {values.min()}..{values.max()}, outside 0..65535; "
+                    "convert the image to 8 or 16 bit first"
+                )
+            colour, alpha = values.astype(np.uint16), None
+        elif mode in _GREY_MODES:
+            arr = _pixels(im, "LA" if has_alpha else "L")
+            colour, alpha = (arr[..., 0], arr[..., 1]) if has_alpha else (arr, None)
+        elif mode in _COLOUR_MODES:
+            arr = _pixels(im, "RGBA" if has_alpha else "RGB")
+            colour, alpha = (arr[..., :3], arr[..., 3]) if has_alpha else (arr, None)
+        elif mode == "F":
+            raise ImageError(
+                f"{name}: floating-point samples (Pillow mode 'F') have no defined display range; "
+                "convert the image to 8 or 16 bit first"
+            )
+        else:
+            raise ImageError(f"{name}: unsupported pixel mode {mode!r} in {fmt or 'image'} data")
+    return _finish(colour, alpha, orientation, fmt, mode)
+
+
+def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = MAX_PIXELS_DEFAULT) -> DecodedImage:
+    """Decode image bytes into a :class:`DecodedImage`, refusing anything unsafe or broken with a clear error.
+
+    The header is read first and images with more than ``max_pixels`` pixels are refused with
+    :class:`ImageTooLargeError` before any pixel memory is allocated. Pillow's own ceiling (twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``) still applies to the formats it decodes. Empty, unrecognised, truncated or
+    corrupt data raises :class:`ImageError` naming ``name``.
+
+    The EXIF orientation is applied. Palette, CMYK, YCbCr, 1-bit and grey sources become RGB (``grey`` records a
+    grey source); transparency (alpha channel, tRNS, palette alpha) becomes ``alpha``. 16-bit PNGs (grey, grey+alpha,
+    RGB, RGBA) stay 16 bit. Colour profiles are not applied; multi-frame files give their first frame.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"decode_image expects bytes, got {type(data).__name__}")
+    data = bytes(data)
+    width, height, fmt = probe_image(data, name=name)
+    _check_pixels(width, height, max_pixels, name)
+    if fmt == "PNG":
+        info = _png_info(data, name)
+        if info.color_type in (0, 2, 4, 6) and info.bit_depth in (8, 16):
+            return _decode_png_fast(data, info, name)
+    # Palette and 1/2/4-bit PNGs go through Pillow, which expands palettes and low bit depths correctly.
+    return _decode_pillow(data, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def normalize_format(fmt: str) -> str:
+    """Canonical output format name ("png", "jpeg" or "webp") for a name or alias such as "JPG"."""
+    key = str(fmt).lower().lstrip(".")
+    if key not in _FORMAT_ALIASES:
+        raise ImageError(f"unsupported image format {fmt!r}; expected one of png, jpeg (jpg), webp")
+    return _FORMAT_ALIASES[key]
+
+
+def content_type(fmt: str) -> str:
+    """HTTP content type of an output format (png → image/png, ...)."""
+    return _CONTENT_TYPES[normalize_format(fmt)]
+
+
+def format_from_name(filename: str) -> str:
+    """Output format implied by a file name's extension (.png, .jpg/.jpeg, .webp; case-insensitive)."""
+    suffix = PurePosixPath(str(filename).replace("\\", "/")).suffix.lower()
+    if suffix not in _EXTENSION_FORMATS:
+        raise ImageError(
+            f"{filename}: cannot tell the image format from extension {suffix or '(none)'!r}; "
+            f"expected one of {', '.join(sorted(_EXTENSION_FORMATS))}"
+        )
+    return _EXTENSION_FORMATS[suffix]
+
+
+def _to_8bit(array: np.ndarray) -> np.ndarray:
+    """Round 16-bit samples to the nearest 8-bit value (x · 255 / 65535)."""
+    if array.dtype == np.uint8:
+        return array
+    return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _png_chunk(ctype: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload))
+
+
+def _write_png(array: np.ndarray, compress_level: int) -> bytes:
+    """Minimal PNG writer for (H, W, C) uint8/uint16 with C in 1..4 (grey, grey+alpha, RGB, RGBA).
+
+    Pillow cannot write 16-bit RGB(A) PNGs, so this covers them (and 8-bit grey). Every row uses the 'Sub' filter
+    (each byte minus the same byte one pixel to the left), which is cheap to vectorise and compresses photos far
+    better than no filter.
+    """
+    height, width, channels = array.shape
+    depth = 16 if array.dtype == np.uint16 else 8
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = np.ascontiguousarray(array, dtype=">u2" if depth == 16 else np.uint8).view(np.uint8)
+    rows = rows.reshape(height, width * channels * depth // 8)  # (H, row bytes), samples big-endian
+    bpp = channels * depth // 8
+    filtered = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = 1  # filter type Sub
+    filtered[:, 1 : 1 + bpp] = rows[:, :bpp]
+    np.subtract(rows[:, bpp:], rows[:, :-bpp], out=filtered[:, 1 + bpp :])  # wraps modulo 256, as PNG requires
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    idat = zlib.compress(filtered.tobytes(), compress_level)
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _encode_png(pixels: np.ndarray, compress_level: int) -> bytes:
+    if pixels.dtype == np.uint8 and pixels.shape[2] in (3, 4):
+        import fpng
+
+        try:
+            # fpng writes 8-bit RGB/RGBA PNGs several times faster than zlib at level 1, at a similar size.
+            return fpng.from_ndarray(np.ascontiguousarray(pixels))
+        except Exception as exc:  # fall back to the slower writer on any fpng limitation
+            log.debug("fpng could not encode a %s %s array (%s); using Pillow", pixels.shape, pixels.dtype, exc)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, "PNG", compress_level=compress_level)
+            return buffer.getvalue()
+    return _write_png(pixels, compress_level)
+
+
+def encode_image(
+    image: DecodedImage | np.ndarray,
+    fmt: str = "png",
+    *,
+    quality: int = 95,
+    png_compress_level: int = 1,
+) -> bytes:
+    """Encode a :class:`DecodedImage` or an (H, W) / (H, W, 2|3|4) uint8/uint16 array as PNG, JPEG or WebP.
+
+    PNG is lossless: bit depth, alpha and grey are kept, so ``decode_image(encode_image(x))`` gives ``x`` back.
+    8-bit RGB/RGBA goes through fpng (fast); other layouts through a small built-in writer (zlib at
+    ``png_compress_level``). JPEG and WebP are 8 bit (16-bit samples are rounded to 8 bit) at ``quality``. JPEG
+    cannot store alpha: it is dropped with a warning, leaving the colour as it is. WebP keeps alpha but has no grey
+    mode, so grey images are written as RGB.
+    """
+    fmt = normalize_format(fmt)
+    if not isinstance(image, DecodedImage):
+        image = DecodedImage.from_array(image)
+    colour = image.rgb[..., :1] if image.grey else image.rgb  # (H, W, 1) or (H, W, 3)
+    pixels = colour if image.alpha is None else np.concatenate([colour, image.alpha[..., None]], axis=2)
+
+    if fmt == "png":
+        return _encode_png(pixels, png_compress_level)
+
+    if not 1 <= int(quality) <= 100:
+        raise ImageError(f"quality must be in 1..100, got {quality!r}")
+    pixels = _to_8bit(pixels)
+    buffer = io.BytesIO()
+    if fmt == "jpeg":
+        if image.alpha is not None:
+            log.warning("JPEG cannot store transparency: the alpha channel is dropped")
+            pixels = pixels[..., :-1]
+        Image.fromarray(np.ascontiguousarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)).save(
+            buffer, "JPEG", quality=int(quality)
+        )
+    else:
+        if pixels.shape[2] in (1, 2):  # WebP has no grey modes: expand the grey channel to RGB
+            pixels = np.concatenate([np.repeat(pixels[..., :1], 3, axis=2), pixels[..., 1:]], axis=2)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, "WEBP", quality=int(quality))
+    return buffer.getvalue()

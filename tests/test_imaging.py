@@ -1,0 +1,596 @@
+"""Tests for edsr_ray.imaging: MATLAB bicubic against hand-derived weights and a per-pixel reference, codecs on real
+photos, every colour layout, and broken or hostile input."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from edsr_ray import samples
+from edsr_ray.errors import ImageError, ImageTooLargeError
+from edsr_ray.imaging import (
+    FORMAT_EXTENSIONS,
+    MAX_PIXELS_DEFAULT,
+    DecodedImage,
+    content_type,
+    decode_image,
+    encode_image,
+    format_from_name,
+    imresize,
+    normalize_format,
+    probe_image,
+    rgb_to_y,
+)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers written independently of the module under test
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _keys_cubic(d: float) -> float:
+    """Keys' cubic kernel, a = -0.5."""
+    d = abs(d)
+    if d <= 1:
+        return 1.5 * d**3 - 2.5 * d**2 + 1
+    if d <= 2:
+        return -0.5 * d**3 + 2.5 * d**2 - 4 * d + 2
+    return 0.0
+
+
+def _reflect(k: int, n: int) -> int:
+    """1-based index k reflected into 1..n with the edge sample repeated; returned 0-based."""
+    while k < 1 or k > n:
+        k = 1 - k if k < 1 else 2 * n + 1 - k
+    return k - 1
+
+
+def _reference_line(line: list[float], out_len: int, scale: float) -> list[float]:
+    """One output sample at a time, straight from MATLAB's formulas."""
+    n = len(line)
+    width = 4 / scale if scale < 1 else 4
+    out = []
+    for x in range(1, out_len + 1):
+        u = x / scale + 0.5 * (1 - 1 / scale)
+        total = weight_sum = 0.0
+        for k in range(math.floor(u - width / 2), math.floor(u - width / 2) + math.ceil(width) + 2):
+            w = scale * _keys_cubic(scale * (u - k)) if scale < 1 else _keys_cubic(u - k)
+            total += w * line[_reflect(k, n)]
+            weight_sum += w
+        out.append(total / weight_sum)
+    return out
+
+
+def _reference_imresize(img: np.ndarray, out_shape: tuple[int, int], scales: tuple[float, float]) -> np.ndarray:
+    """Per-pixel reference: resize the axis with the smaller factor first, storing each pass as uint8 (MATLAB)."""
+    cur = img.astype(np.float64)
+    for axis in sorted((0, 1), key=lambda a: scales[a]):
+        moved = np.moveaxis(cur, axis, 0)  # (L, other, C)
+        res = np.empty((out_shape[axis], *moved.shape[1:]))
+        for j in range(moved.shape[1]):
+            for c in range(moved.shape[2]):
+                res[:, j, c] = _reference_line(list(moved[:, j, c]), out_shape[axis], scales[axis])
+        res = np.array([[[min(255, max(0, math.floor(v + 0.5))) for v in px] for px in row] for row in res])
+        cur = np.moveaxis(res, 0, axis)
+    return cur.astype(np.uint8)
+
+
+def _png(pixels: np.ndarray, color_type: int, extra_chunks: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A plain PNG writer (filter None on every row) used as an independent source of test files."""
+    depth = 16 if pixels.dtype == np.uint16 else 8
+    height, width = pixels.shape[:2]
+    rows = pixels.astype(">u2" if depth == 16 else np.uint8).reshape(height, -1).view(np.uint8)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0))
+    for kind, body in extra_chunks:
+        out += chunk(kind, body)
+    return out + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _pillow_png(im: Image.Image, **params) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **params)
+    return buf.getvalue()
+
+
+def _psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * math.log10(peak**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def coffee() -> np.ndarray:
+    return samples.photo("coffee.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# imresize
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_upscale_x2_uses_the_cubic_weights_derived_by_hand():
+    # For x2 the sampling positions sit 1/4 pixel from the input samples: weights (-3, 29, 111, -9) / 128 from the
+    # kernel at distances 1.75, 0.75, 0.25, 1.25; positions past the ends reflect with the edge sample repeated.
+    s = np.array([10.0, 200.0, 30.0, 90.0, 250.0, 0.0])
+    n = len(s)
+
+    def at(i: int) -> float:  # 0-based, reflected with the edge sample repeated
+        return s[-i - 1] if i < 0 else s[2 * n - 1 - i] if i >= n else s[i]
+
+    expected = []
+    for j in range(2 * n):
+        m = j // 2
+        even = {m - 2: -3, m - 1: 29, m: 111, m + 1: -9}
+        odd = {m - 1: -9, m: 111, m + 1: 29, m + 2: -3}
+        taps = even if j % 2 == 0 else odd
+        expected.append(sum(w * at(i) for i, w in taps.items()) / 128)
+    out = imresize(s[None, :], 2)
+    assert out.shape == (2, 12)
+    np.testing.assert_allclose(out, np.array([expected, expected]), rtol=0, atol=1e-12)
+
+
+def test_antialiased_downscale_by_2_uses_the_stretched_kernel():
+    # Shrinking by 2 stretches the kernel to width 8: output j sits between inputs 2j and 2j+1 and takes eight taps
+    # with weights (-3, -9, 29, 111, 111, 29, -9, -3) / 256.
+    s = np.array([5.0, 80.0, 140.0, 20.0, 255.0, 60.0, 0.0, 120.0])
+    n = len(s)
+
+    def at(i: int) -> float:
+        return s[-i - 1] if i < 0 else s[2 * n - 1 - i] if i >= n else s[i]
+
+    weights = (-3, -9, 29, 111, 111, 29, -9, -3)
+    expected = [sum(w * at(2 * j - 3 + t) for t, w in enumerate(weights)) / 256 for j in range(n // 2)]
+    out = imresize(s[:, None], 0.5)
+    assert out.shape == (4, 1)
+    np.testing.assert_allclose(out[:, 0], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.25, 1 / 3, 0.5, 2, 3, 4])
+def test_constant_image_stays_constant(scale):
+    img = np.full((13, 17, 3), 77, np.uint8)
+    out = imresize(img, scale)
+    assert out.shape == (math.ceil(13 * scale), math.ceil(17 * scale), 3)
+    assert out.dtype == np.uint8
+    assert np.all(out == 77)
+    flat = imresize(np.full((9, 10), 0.3), scale)
+    np.testing.assert_allclose(flat, 0.3, atol=1e-12)
+
+
+def test_output_size_follows_matlab():
+    img = np.zeros((10, 11), np.uint8)
+    assert imresize(img, 0.5).shape == (5, 6)  # ceil(5.5)
+    assert imresize(img, 1 / 3).shape == (4, 4)
+    assert imresize(img, (2, 0.5)).shape == (20, 6)
+    assert imresize(img, output_shape=(7, 3)).shape == (7, 3)
+    assert imresize(np.zeros((2040, 1356, 3), np.uint8)[:12, :12], 1 / 4).shape == (3, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("scale", "output_shape"),
+    [(0.5, None), (1 / 3, None), (0.25, None), (2, None), (3, None), ((0.75, 0.5), None), (None, (17, 29))],
+)
+def test_matches_per_pixel_reference_on_a_photo(coffee, scale, output_shape):
+    crop = coffee[150:186, 200:244]  # (36, 44, 3), a textured region
+    out = imresize(crop, scale, output_shape=output_shape)
+    if output_shape is None:
+        factors = (scale, scale) if np.isscalar(scale) else scale
+        shape = (math.ceil(36 * factors[0]), math.ceil(44 * factors[1]))
+    else:
+        shape = output_shape
+        factors = (shape[0] / 36, shape[1] / 44)
+    expected = _reference_imresize(crop, shape, factors)
+    assert out.shape == expected.shape
+    diff = np.abs(out.astype(int) - expected.astype(int))
+    assert diff.max() <= 1
+    assert np.mean(diff == 0) > 0.99
+
+
+def test_interior_matches_pillow_float_bicubic_but_borders_reflect(coffee):
+    # Pillow's bicubic has the same kernel, centre mapping and antialiasing, but renormalises a truncated kernel at
+    # the borders instead of reflecting. Away from the borders both must agree.
+    grey = coffee[:120, :150, 1].astype(np.float32)
+    ours = imresize(grey, 1 / 3)
+    pillow = np.asarray(Image.fromarray(grey, mode="F").resize((50, 40), Image.Resampling.BICUBIC, reducing_gap=None))
+    np.testing.assert_allclose(ours[3:-3, 3:-3], pillow[3:-3, 3:-3], atol=2e-3)
+    assert np.max(np.abs(ours[0] - pillow[0])) > 0.05  # the border rule really is different
+
+
+def test_dtypes_and_overshoot(coffee):
+    step = np.zeros((8, 8)) + (np.arange(8) >= 4)  # a hard edge overshoots with a = -0.5 when enlarged
+    up = imresize(step, 4)
+    assert up.dtype == np.float64 and up.min() < -0.01 and up.max() > 1.01
+    up32 = imresize(step.astype(np.float32), 2)
+    assert up32.dtype == np.float32
+    img16 = coffee[:40, :40].astype(np.uint16) * 257
+    down16 = imresize(img16, 0.5)
+    assert down16.dtype == np.uint16
+    # 16-bit results divided back to 8 bit agree with the 8-bit resize up to rounding.
+    assert np.max(np.abs(down16 / 257.0 - imresize(coffee[:40, :40], 0.5))) <= 1.0
+
+
+def test_down_up_round_trip_psnr_is_typical(coffee):
+    hr = coffee[:396, :600]
+    restored = imresize(imresize(hr, 0.5), 2)
+    value = _psnr(restored, hr)
+    assert 28 < value < 38
+    # Dropping the antialiasing (plain subsampling) must do worse on a real photo.
+    assert _psnr(imresize(hr[::2, ::2], 2), hr) < value
+
+
+def test_imresize_rejects_bad_arguments():
+    img = np.zeros((4, 4), np.uint8)
+    with pytest.raises(ValueError, match="exactly one"):
+        imresize(img)
+    with pytest.raises(ValueError, match="exactly one"):
+        imresize(img, 2, output_shape=(8, 8))
+    with pytest.raises(ValueError, match="positive"):
+        imresize(img, -2)
+    with pytest.raises(ImageError, match="int32"):
+        imresize(img.astype(np.int32), 2)
+    with pytest.raises(ImageError, match="shape"):
+        imresize(np.zeros((2, 2, 2, 2)), 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rgb_to_y
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_rgb_to_y_known_values_and_skimage(coffee):
+    corners = np.array([[[0, 0, 0], [255, 255, 255], [255, 0, 0]]], np.uint8)
+    y = rgb_to_y(corners)
+    np.testing.assert_allclose(y[0], [16, 16 + 219.859 * 255 / 256, 16 + 65.738 * 255 / 256], atol=1e-9)
+    from skimage.color import rgb2ycbcr
+
+    np.testing.assert_allclose(rgb_to_y(coffee), rgb2ycbcr(coffee)[..., 0], atol=2e-3)
+    with pytest.raises(ImageError):
+        rgb_to_y(coffee[..., 0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# decode_image
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_decode_png_photo(coffee):
+    img = decode_image(samples.photo_bytes("coffee.png"), name="coffee.png")
+    assert (img.format, img.mode, img.bit_depth, img.grey, img.alpha) == ("PNG", "RGB", 8, False, None)
+    assert img.rgb.flags.c_contiguous and img.rgb.flags.writeable
+    np.testing.assert_array_equal(img.rgb, coffee)
+    assert (img.height, img.width) == coffee.shape[:2]
+
+
+@pytest.mark.parametrize("name", ["rocket.jpg", "retina.jpg"])
+def test_decode_jpeg_photo(name):
+    data = samples.photo_bytes(name)
+    img = decode_image(data, name=name)
+    assert img.format == "JPEG" and img.rgb.dtype == np.uint8
+    assert img.rgb.flags.c_contiguous and img.rgb.flags.writeable
+    with Image.open(io.BytesIO(data)) as im:
+        np.testing.assert_array_equal(img.rgb, np.asarray(im.convert("RGB")))
+    assert probe_image(data, name=name) == (img.width, img.height, "JPEG")
+
+
+def test_decode_grey_png():
+    data = (samples.data_dir() / "camera.png").read_bytes()
+    img = decode_image(data)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "L"
+        grey = np.asarray(im)
+    assert img.grey and img.mode == "L" and img.alpha is None
+    for c in range(3):
+        np.testing.assert_array_equal(img.rgb[..., c], grey)
+
+
+def test_decode_rgba_png():
+    data = (samples.data_dir() / "logo.png").read_bytes()
+    img = decode_image(data, name="logo.png")
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "RGBA"
+        rgba = np.asarray(im)
+    assert img.alpha is not None and not img.grey
+    np.testing.assert_array_equal(img.rgb, rgba[..., :3])
+    np.testing.assert_array_equal(img.alpha, rgba[..., 3])
+
+
+def test_decode_palette_png_with_and_without_transparency(coffee):
+    pal = Image.fromarray(coffee[:64, :80]).quantize(16)
+    img = decode_image(_pillow_png(pal))
+    assert img.mode == "P" and img.alpha is None
+    np.testing.assert_array_equal(img.rgb, np.asarray(pal.convert("RGB")))
+
+    index = np.asarray(pal)
+    transparent = int(index[0, 0])
+    img = decode_image(_pillow_png(pal, transparency=transparent))
+    assert img.alpha is not None
+    np.testing.assert_array_equal(img.alpha == 0, index == transparent)
+    assert np.all(img.alpha[index != transparent] == 255)
+
+
+def test_decode_low_bit_depth_grey_png():
+    bits = (np.indices((20, 30)).sum(axis=0) % 3 == 0).astype(np.uint8) * 255
+    img = decode_image(_pillow_png(Image.fromarray(bits).convert("1")))
+    assert img.grey and img.mode == "1"
+    np.testing.assert_array_equal(img.rgb[..., 0], bits)
+
+
+def test_decode_cmyk_jpeg():
+    cmyk = np.zeros((32, 64, 4), np.uint8)
+    cmyk[:, :32] = (200, 30, 60, 40)
+    cmyk[:, 32:] = (0, 150, 10, 0)
+    buf = io.BytesIO()
+    Image.fromarray(cmyk, mode="CMYK").save(buf, "JPEG", quality=100)
+    img = decode_image(buf.getvalue())
+    assert img.mode == "CMYK" and img.rgb.shape == (32, 64, 3)
+    # Naive CMYK -> RGB: channel = (255 - K) * (1 - C/255).
+    for block, (c, m, y, k) in ((img.rgb[8:24, 8:24], cmyk[0, 0]), (img.rgb[8:24, 40:56], cmyk[0, 40])):
+        expected = [(255 - k) * (1 - v / 255) for v in (c, m, y)]
+        assert np.max(np.abs(block.reshape(-1, 3).astype(float) - expected)) <= 3
+
+
+def test_decode_16bit_pngs(coffee):
+    rng = np.random.default_rng(1)
+    rgb16 = coffee[:30, :40].astype(np.uint16) * 256 + rng.integers(0, 256, (30, 40, 3), dtype=np.uint16)
+
+    img = decode_image(_png(rgb16, color_type=2))
+    assert img.bit_depth == 16 and img.rgb.dtype == np.uint16 and img.alpha is None and not img.grey
+    np.testing.assert_array_equal(img.rgb, rgb16)
+
+    rgba16 = np.concatenate([rgb16, rgb16[..., :1] ^ 0x5A5A], axis=2)
+    img = decode_image(_png(rgba16, color_type=6))
+    np.testing.assert_array_equal(img.rgb, rgb16)
+    np.testing.assert_array_equal(img.alpha, rgba16[..., 3])
+
+    grey16 = rgb16[..., 1]
+    img = decode_image(_pillow_png(Image.fromarray(grey16)))  # Pillow writes 16-bit grey ('I;16') itself
+    assert img.grey and img.bit_depth == 16 and img.mode == "I;16"
+    np.testing.assert_array_equal(img.rgb[..., 2], grey16)
+
+    ga16 = np.stack([grey16, rgb16[..., 0]], axis=2)
+    img = decode_image(_png(ga16, color_type=4))
+    assert img.grey and img.bit_depth == 16
+    np.testing.assert_array_equal(img.rgb[..., 0], grey16)
+    np.testing.assert_array_equal(img.alpha, rgb16[..., 0])
+
+
+def test_decode_trns_colour_key(coffee):
+    rgb = coffee[:30, :40]
+    key = tuple(int(v) for v in rgb[5, 5])
+    data = _pillow_png(Image.fromarray(rgb), transparency=key)
+    img = decode_image(data)
+    with Image.open(io.BytesIO(data)) as im:
+        np.testing.assert_array_equal(img.alpha, np.asarray(im.convert("RGBA"))[..., 3])
+    assert img.alpha[5, 5] == 0 and np.any(img.alpha == 255)
+
+    grey16 = (np.arange(12, dtype=np.uint16) * 5000).reshape(3, 4)
+    img = decode_image(_png(grey16, color_type=0, extra_chunks=((b"tRNS", struct.pack(">H", 10000)),)))
+    np.testing.assert_array_equal(img.alpha, np.where(grey16 == 10000, 0, 65535))
+
+
+def test_exif_orientation_6_on_jpeg(coffee):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(coffee[:48, :80]).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as im:
+        stored = np.asarray(im.convert("RGB"))  # pixels as stored, orientation not applied
+    img = decode_image(data)
+    assert img.rgb.shape == (80, 48, 3)
+    np.testing.assert_array_equal(img.rgb, np.rot90(stored, k=-1))  # tag 6 = rotate 90° clockwise to display
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_matches_pillow_on_png(coffee, orientation):
+    rgba = np.concatenate([coffee[:20, :30], coffee[:20, :30, :1]], axis=2)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _pillow_png(Image.fromarray(rgba), exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as im:
+        upright = np.asarray(ImageOps.exif_transpose(im))
+    img = decode_image(data)
+    np.testing.assert_array_equal(img.rgb, upright[..., :3])
+    np.testing.assert_array_equal(img.alpha, upright[..., 3])
+
+
+def test_decode_integer_and_float_tiffs():
+    values = (np.arange(24, dtype=np.int32) * 2000).reshape(4, 6)
+    buf = io.BytesIO()
+    Image.fromarray(values, mode="I").save(buf, "TIFF")
+    img = decode_image(buf.getvalue())
+    assert img.bit_depth == 16 and img.grey
+    np.testing.assert_array_equal(img.rgb[..., 0], values)
+
+    buf = io.BytesIO()
+    Image.fromarray(values * 100, mode="I").save(buf, "TIFF")
+    with pytest.raises(ImageError, match=r"outside 0\.\.65535"):
+        decode_image(buf.getvalue(), name="wide.tif")
+
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(np.float32)).save(buf, "TIFF")
+    with pytest.raises(ImageError, match="mode 'F'"):
+        decode_image(buf.getvalue(), name="float.tif")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bad and hostile input
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_empty_and_non_image_bytes():
+    with pytest.raises(ImageError, match=r"empty\.png: empty file"):
+        decode_image(b"", name="empty.png")
+    with pytest.raises(ImageError, match=r"notes\.txt: not a recognised image format"):
+        decode_image(b"hello, this is plain text and not an image", name="notes.txt")
+    with pytest.raises(TypeError):
+        decode_image("coffee.png")
+
+
+def test_truncated_and_corrupt_png():
+    data = samples.photo_bytes("coffee.png")
+    with pytest.raises(ImageError, match=r"cut\.png: truncated PNG: chunk 'IDAT'"):
+        decode_image(data[: len(data) // 2], name="cut.png")
+    with pytest.raises(ImageError, match="before the IEND chunk"):
+        decode_image(data[:-12], name="no-iend.png")
+    with pytest.raises(ImageError, match="truncated PNG"):
+        decode_image(data[:20], name="header.png")
+    # Flip one byte inside the first IDAT chunk's data: its checksum no longer matches.
+    at = data.index(b"IDAT") + 100
+    corrupt = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+    with pytest.raises(ImageError, match="checksum mismatch in chunk 'IDAT'"):
+        decode_image(corrupt, name="flipped.png")
+
+
+def test_truncated_jpeg():
+    data = samples.photo_bytes("rocket.jpg")
+    with pytest.raises(ImageError, match=r"rocket\.jpg: cannot decode JPEG data"):
+        decode_image(data[: len(data) * 2 // 3], name="rocket.jpg")
+    # The header alone is enough to probe.
+    assert probe_image(data[:4096], name="rocket.jpg")[2] == "JPEG"
+
+
+def test_huge_declared_png_is_refused_from_its_header():
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    crc = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + crc
+    # No image data follows at all: refusing it as too large proves nothing past the header was read.
+    assert probe_image(header) == (100_000, 100_000, "PNG")
+    with pytest.raises(ImageTooLargeError, match=r"bomb\.png: 100000x100000 = 10,000,000,000 pixels exceeds"):
+        decode_image(header, name="bomb.png")
+
+
+def test_max_pixels_is_configurable(coffee):
+    png = encode_image(coffee)
+    jpeg = encode_image(coffee, "jpeg")
+    assert MAX_PIXELS_DEFAULT == 40_000_000
+    for data in (png, jpeg):
+        with pytest.raises(ImageTooLargeError, match="limit of 200,000"):
+            decode_image(data, name="photo", max_pixels=200_000)
+        assert decode_image(data, max_pixels=240_000).rgb.shape == coffee.shape
+
+
+def test_pillow_decompression_bomb_error_becomes_image_too_large():
+    # A BMP header declaring 20000 x 20000 pixels, beyond Pillow's own hard limit (2 x MAX_IMAGE_PIXELS).
+    width = height = 20_000
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    bmp = b"BM" + struct.pack("<IHHI", 14 + 40, 0, 0, 14 + 40) + info
+    with pytest.raises(ImageTooLargeError, match="decompression-bomb"):
+        probe_image(bmp, name="huge.bmp")
+    with pytest.raises(ImageTooLargeError, match=r"huge\.bmp"):
+        decode_image(bmp, name="huge.bmp", max_pixels=10**9)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# encode_image
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _layouts(photo: np.ndarray, dtype) -> dict[str, np.ndarray]:
+    rgb = photo[:37, :53]
+    if dtype == np.uint16:
+        rng = np.random.default_rng(2)
+        rgb = rgb.astype(np.uint16) * 256 + rng.integers(0, 256, rgb.shape, dtype=np.uint16)
+    alpha = rgb[..., 1] ^ rgb[..., 2]
+    return {
+        "grey": rgb[..., 0],
+        "grey+alpha": np.stack([rgb[..., 0], alpha], axis=2),
+        "rgb": rgb,
+        "rgba": np.concatenate([rgb, alpha[..., None]], axis=2),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("layout", ["grey", "grey+alpha", "rgb", "rgba"])
+def test_png_round_trip_is_lossless(coffee, dtype, layout):
+    array = _layouts(coffee, dtype)[layout]
+    expected = DecodedImage.from_array(array)
+    for source in (array, expected):
+        img = decode_image(encode_image(source))
+        assert img.bit_depth == expected.bit_depth and img.grey == expected.grey
+        np.testing.assert_array_equal(img.rgb, expected.rgb)
+        if expected.alpha is None:
+            assert img.alpha is None
+        else:
+            np.testing.assert_array_equal(img.alpha, expected.alpha)
+
+
+@pytest.mark.parametrize("layout", ["grey", "grey+alpha", "rgb", "rgba"])
+def test_png_output_reads_back_in_pillow(coffee, layout):
+    # An independent decoder: Pillow reads 8-bit files exactly and 16-bit colour files as their high bytes.
+    for dtype in (np.uint8, np.uint16):
+        array = _layouts(coffee, dtype)[layout]
+        with Image.open(io.BytesIO(encode_image(array))) as im:
+            pixels = np.asarray(im)
+        if dtype == np.uint8:
+            np.testing.assert_array_equal(pixels, array)
+        elif layout == "grey":
+            np.testing.assert_array_equal(pixels, array)  # 'I;16' keeps all 16 bits
+        elif layout in ("rgb", "rgba"):
+            np.testing.assert_array_equal(pixels, array >> 8)
+
+
+def test_jpeg_encoding(coffee, caplog):
+    img = decode_image(encode_image(coffee, "jpeg", quality=95))
+    assert img.format == "JPEG" and _psnr(img.rgb, coffee) > 35
+    assert len(encode_image(coffee, "jpeg", quality=30)) < len(encode_image(coffee, "jpeg", quality=95))
+
+    grey = decode_image(encode_image(coffee[..., 0], "jpg"))
+    assert grey.grey and grey.mode == "L"
+
+    rgba = np.concatenate([coffee, coffee[..., :1]], axis=2)
+    with caplog.at_level(logging.WARNING, logger="edsr_ray.imaging"):
+        flat = decode_image(encode_image(rgba, "jpeg"))
+    assert flat.alpha is None and "alpha channel is dropped" in caplog.text
+
+    deep = decode_image(encode_image(coffee.astype(np.uint16) * 257, "jpeg"))
+    assert deep.bit_depth == 8 and _psnr(deep.rgb, coffee) > 35
+
+    with pytest.raises(ImageError, match="quality"):
+        encode_image(coffee, "jpeg", quality=0)
+
+
+def test_webp_encoding_keeps_alpha(coffee):
+    rgba = np.concatenate([coffee[:64, :64], np.full((64, 64, 1), 255, np.uint8)], axis=2)
+    rgba[:16, :16, 3] = 0
+    img = decode_image(encode_image(rgba, "webp", quality=90))
+    assert img.format == "WEBP" and img.alpha is not None
+    np.testing.assert_array_equal(img.alpha, rgba[..., 3])
+    assert _psnr(img.rgb[16:, 16:], rgba[16:, 16:, :3]) > 30
+    grey = decode_image(encode_image(coffee[..., 1], "webp"))
+    assert grey.rgb.shape == coffee.shape
+
+
+def test_encode_rejects_bad_input(coffee):
+    with pytest.raises(ImageError, match="'gif'"):
+        encode_image(coffee, "gif")
+    with pytest.raises(ImageError, match="int32"):
+        encode_image(coffee.astype(np.int32))
+    with pytest.raises(ImageError, match="shape"):
+        encode_image(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ImageError, match="rgb must be"):
+        DecodedImage(coffee.astype(np.uint16), bit_depth=8)
+
+
+def test_format_helpers():
+    assert content_type("png") == "image/png"
+    assert content_type("JPG") == "image/jpeg"
+    assert content_type("webp") == "image/webp"
+    assert normalize_format(".Jpeg") == "jpeg"
+    assert format_from_name("s3://bucket/a/IMG_01.JPG") == "jpeg"
+    assert format_from_name("x.jpeg") == "jpeg"
+    assert format_from_name("out/x.WebP") == "webp"
+    assert FORMAT_EXTENSIONS == {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+    with pytest.raises(ImageError, match=r"notes\.txt.*'\.txt'"):
+        format_from_name("notes.txt")
+    with pytest.raises(ImageError, match="none"):
+        format_from_name("README")

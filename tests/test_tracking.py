@@ -1,0 +1,95 @@
+"""MLflow tracking against a real sqlite store: URIs, runs that resume, pictures, registered models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edsr_ray import tracking
+from edsr_ray.config import TrackingConfig
+from edsr_ray.errors import EdsrRayError
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDSR_RAY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.resolve_tracking_uri()
+    tracking.check_tracking_uri(uri)
+    return uri
+
+
+def test_default_uri_is_absolute_sqlite_in_data_home(store, tmp_path):
+    assert store == f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}"
+
+
+def test_relative_uris_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path / 'rel' / 'm.db'}"
+    assert tracking.resolve_tracking_uri("runs_dir") == (tmp_path / "runs_dir").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.resolve_tracking_uri() == "http://127.0.0.1:5999"
+
+
+def test_unreachable_server_fails_fast_with_its_address():
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EdsrRayError, match=f"127.0.0.1:{port} is unreachable"):
+        tracking.check_tracking_uri(f"http://127.0.0.1:{port}", timeout_s=2)
+
+
+def test_run_is_reused_until_finished_and_logs_land_in_artifact_root(store, tmp_path):
+    cfg = TrackingConfig(experiment="t")
+    run_id = tracking.find_or_create_run(cfg, "runs/a", "a", store)
+    assert tracking.find_or_create_run(cfg, "runs/a", "a", store) == run_id  # a resume continues the same run
+    assert tracking.find_or_create_run(cfg, "runs/b", "b", store) != run_id
+    logger = tracking.RunLogger(run_id, store)
+    logger.log_params({"train.lr": 1e-4, "model.n_feats": 8})
+    logger.log_params({"train.lr": 1e-4})  # logging again on resume is not an error
+    logger.log_metrics({"loss": 0.5, "nan": float("nan")}, step=3)
+    picture = np.zeros((8, 20, 3), np.uint8)
+    logger.log_image(picture, "validation/step_3.png")
+    logger.end()
+
+    mlflow = tracking.mlflow_module()
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run = client.get_run(run_id)
+    assert run.data.params["train.lr"] == "0.0001"
+    assert run.data.metrics == {"loss": 0.5}
+    assert run.info.artifact_uri.startswith((tmp_path / "home" / "mlflow" / "artifacts").as_uri())
+    assert [f.path for f in client.list_artifacts(run_id, "validation")] == ["validation/step_3.png"]
+    # Finished: a new training run with the same key starts a new MLflow run.
+    assert tracking.find_or_create_run(cfg, "runs/a", "a", store) != run_id
+
+
+def test_register_and_download_model(store, tmp_path):
+    cfg = TrackingConfig(experiment="t")
+    run_id = tracking.find_or_create_run(cfg, "runs/m", "m", store)
+    logger = tracking.RunLogger(run_id, store)
+    model_file = tmp_path / "model.pt"
+    model_file.write_bytes(b"weights")
+    logger.log_model_file(model_file)
+    assert logger.register("tiny", aliases=("best",)) == "1"
+    assert logger.register("tiny") == "2"
+    for ref in ("models:/tiny/1", "models:/tiny@best", "models:/tiny/latest"):
+        path = Path(tracking.download_model_uri(ref, store))
+        assert (path / "model.pt").read_bytes() == b"weights", ref
+    with pytest.raises(EdsrRayError, match="models:/nope/1"):
+        tracking.download_model_uri("models:/nope/1", store)
+
+
+def test_comparison_picture_is_three_crops_side_by_side():
+    rng = np.random.default_rng(0)
+    hr = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    bic, sr = hr // 2, hr // 3
+    pic = tracking.comparison_picture(bic, sr, hr, crop=100)
+    assert pic.shape == (100, 3 * 100 + 2 * 4, 3)
+    top, left = 100, 80
+    np.testing.assert_array_equal(pic[:, :100], bic[top : top + 100, left : left + 100])
+    np.testing.assert_array_equal(pic[:, 104:204], sr[top : top + 100, left : left + 100])
+    np.testing.assert_array_equal(pic[:, 208:], hr[top : top + 100, left : left + 100])
