@@ -295,7 +295,9 @@ def check_image(data: bytes, *, name: str, max_pixels: int) -> tuple[int, int, s
     except ImageError as exc:
         raise RequestRejected(400, "corrupt_image", f"corrupt {fmt} image: {exc}") from None
     if width < 1 or height < 1:
-        raise RequestRejected(400, "corrupt_image", f"{name}: the {fmt} header declares an empty {width}x{height} image")
+        raise RequestRejected(
+            400, "corrupt_image", f"{name}: the {fmt} header declares an empty {width}x{height} image"
+        )
     if width * height > max_pixels:
         raise RequestRejected(
             413,
@@ -598,7 +600,7 @@ class EdsrIngress:
         api = FastAPI(
             title="EDSR super-resolution",
             version=__version__,
-            description="Upscale images by x2, x3 or x4 with EDSR / MDSR models. Errors are JSON {\"error\": ...}.",
+            description='Upscale images by x2, x3 or x4 with EDSR / MDSR models. Errors are JSON {"error": ...}.',
         )
         api.add_exception_handler(RequestRejected, self._on_rejected)
         api.add_exception_handler(RequestValidationError, self._on_invalid)
@@ -691,7 +693,9 @@ class EdsrIngress:
             return await asyncio.wait_for(_awaitable(response), timeout)
         except asyncio.TimeoutError:
             response.cancel()
-            raise RequestRejected(504, "timeout", f"{what} took longer than the {timeout:g} s request timeout") from None
+            raise RequestRejected(
+                504, "timeout", f"{what} took longer than the {timeout:g} s request timeout"
+            ) from None
         except EdsrRayError as exc:
             # A model that cannot be loaded (missing file, unreachable store) is the server's problem, not the
             # client's: 503, with the loader's message (it names the source, never a credential).

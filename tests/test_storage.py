@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import socket
 import stat
 import threading
@@ -203,6 +204,9 @@ def test_pyarrow_and_boto3_see_the_same_objects(prefix):
     from_pyarrow = sorted(f"s3://{i.path}" for i in infos if i.type == pafs.FileType.File)
     assert from_pyarrow == storage.list_files(prefix)
     assert storage.pyarrow_filesystem() is fs  # cached with the client
+    # Ray pickles the filesystem to its workers: endpoint and credentials must survive that.
+    with pickle.loads(pickle.dumps(fs)).open_input_file(f"{root}/a/one.bin") as f:
+        assert f.read() == b"written by boto3"
 
 
 def test_missing_objects_and_buckets_name_the_uri(s3, prefix):
