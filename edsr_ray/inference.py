@@ -34,9 +34,8 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,9 +43,8 @@ from torch import nn
 
 from edsr_ray.config import PRECISIONS, InferenceConfig
 from edsr_ray.errors import ConfigError, ImageError
-
-if TYPE_CHECKING:
-    from edsr_ray.imaging import DecodedImage
+from edsr_ray.imaging import DecodedImage, imresize
+from edsr_ray.models import MeanShift, receptive_radius, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +55,8 @@ _MIN_TILE = 8
 _CUDA_MEMORY_SHARE = 0.5
 # On CPU: a quarter of physical memory, at most 4 GiB, so several workers on one node do not swap.
 _CPU_MEMORY_CAP = 4 << 30
+# LR pixels per forward pass on CPU when several patches or images could share one.
+_CPU_BATCH_PIXELS = 1 << 16
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -87,9 +87,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if device.type != "cuda":
         if precision in ("bf16", "fp16"):
-            warnings.warn(
-                f"precision {precision!r} is only used on CUDA; running in fp32 on {device}", RuntimeWarning, stacklevel=3
-            )
+            message = f"precision {precision!r} is only used on CUDA; running in fp32 on {device}"
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
         return torch.float32
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -147,26 +146,26 @@ def _prepared(model: nn.Module, device: torch.device, dtype: torch.dtype, compil
         entries = _PREPARED.setdefault(model, {})
         hit = entries.get(key)
         if hit is not None and hit[0] == fingerprint:
-            return hit[1]
+            return model if hit[1] is None else hit[1]
         tensors = list(itertools.chain(model.parameters(), model.buffers()))
         if not channels_last and not compile and all(t.device == device and t.dtype == dtype for t in tensors):
-            module = model  # already what is needed: use it as is (e.g. CPU fp32, training validation)
-        else:
-            from edsr_ray.models import MeanShift
-
-            with torch.no_grad():
-                module = copy.deepcopy(model).to(device=device, dtype=dtype)
-                for m in module.modules():
-                    # The fixed mean shifts compute in float32 by design (adding the mean back in bf16 would round
-                    # the output to whole grey levels above 128), so their parameters stay float32.
-                    if isinstance(m, MeanShift):
-                        m.float()
-                if channels_last:
-                    module = module.to(memory_format=torch.channels_last)
-            module.eval().requires_grad_(False)
-            if compile:
-                # Shapes are fixed per tile plan, so static shapes; a new image size recompiles once.
-                module = torch.compile(module, dynamic=False)
+            # Already what is needed (e.g. CPU fp32, training validation): use the model itself. The cache stores
+            # None for it, since a value that referenced its own key would keep the model alive forever.
+            entries[key] = (fingerprint, None)
+            return model
+        with torch.no_grad():
+            module = copy.deepcopy(model).to(device=device, dtype=dtype)
+            for m in module.modules():
+                # The fixed mean shifts compute in float32 by design (adding the mean back in bf16 would round the
+                # output to whole grey levels above 128), so their parameters stay float32.
+                if isinstance(m, MeanShift):
+                    m.float()
+            if channels_last:
+                module = module.to(memory_format=torch.channels_last)
+        module.eval().requires_grad_(False)
+        if compile:
+            # Shapes are fixed per tile plan, so static shapes; a new image size recompiles once.
+            module = torch.compile(module, dynamic=False)
         entries[key] = (fingerprint, module)
         return module
 
@@ -246,9 +245,9 @@ class Upscaler:
             raise ConfigError(f"tile_batch must be >= 1 or None, got {tile_batch}")
         if memory_budget is not None and int(memory_budget) < 1:
             raise ConfigError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-        if getattr(model, "config", None) is None:
+        if getattr(unwrap_model(model), "config", None) is None:
             raise ConfigError(f"{type(model).__name__} has no .config; build it with edsr_ray.models")
-        self.model = model
+        self.model = unwrap_model(model)  # DDP / torch.compile wrappers: run (and copy) the network inside
         self.tile = None if tile is None else int(tile)
         self.self_ensemble = bool(self_ensemble)
         self.precision = precision
@@ -272,11 +271,19 @@ class Upscaler:
 
     # ---- public entry points ---------------------------------------------------------------------------------------
 
-    def __call__(self, image: np.ndarray | DecodedImage, scale: int | None = None) -> np.ndarray | DecodedImage:
-        """Upscale a uint8 (H, W, 3) array (→ uint8 array) or a :class:`~edsr_ray.imaging.DecodedImage` (→ same)."""
+    def __call__(
+        self, image: np.ndarray | DecodedImage | torch.Tensor, scale: int | None = None
+    ) -> np.ndarray | DecodedImage | torch.Tensor:
+        """Upscale a uint8 (H, W, 3) array, a :class:`~edsr_ray.imaging.DecodedImage` or a float (B, 3, H, W)
+        tensor; the result is of the same kind (see :meth:`upscale`, :meth:`upscale_decoded`, :meth:`upscale_tensor`).
+        """
         if isinstance(image, np.ndarray):
             return self.upscale(image, scale)
-        return self.upscale_decoded(image, scale)
+        if isinstance(image, torch.Tensor):
+            return self.upscale_tensor(image, scale)
+        if isinstance(image, DecodedImage):
+            return self.upscale_decoded(image, scale)
+        raise ImageError(f"cannot upscale a {type(image).__name__}: expected an array, a DecodedImage or a tensor")
 
     def upscale(self, image: np.ndarray, scale: int | None = None) -> np.ndarray:
         """uint8 (H, W, 3) RGB → uint8 (H*s, W*s, 3), rounded and clipped like the paper's evaluation."""
@@ -285,7 +292,7 @@ class Upscaler:
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise ImageError(f"cannot upscale an empty image of shape {image.shape}")
         scale = resolve_scale(self.model, scale)
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8 view
+        x = _as_tensor(image).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8 view
         h, w = image.shape[:2]
         out = torch.empty((1, h * scale, w * scale, 3), dtype=torch.uint8)  # (1, H*s, W*s, 3), HWC like numpy
 
@@ -315,8 +322,6 @@ class Upscaler:
         back, so it keeps its extra precision. A grey source gets the mean of the three output channels (computed in
         float, then rounded) in all three. Alpha is not a colour: it is resized with bicubic ``imresize``.
         """
-        from edsr_ray.imaging import imresize
-
         rgb = img.rgb
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype not in (np.uint8, np.uint16):
             raise ImageError(f"DecodedImage.rgb must be (H, W, 3) uint8 or uint16, got {_describe(rgb)}")
@@ -325,7 +330,7 @@ class Upscaler:
             out_rgb = self.upscale(rgb, scale)
         else:
             peak = 65535 if rgb.dtype == np.uint16 else 255
-            x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, H, W)
+            x = _as_tensor(rgb).permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, H, W)
             if peak == 65535:
                 x /= 257.0  # 65535 / 257 = 255: the model's range
             y = self.upscale_tensor(x, scale)[0]  # (3, H*s, W*s) float in [0, 255]
@@ -334,12 +339,7 @@ class Upscaler:
             if peak == 65535:
                 y = y * 257.0
             out_rgb = y.round_().clamp_(0, peak).permute(1, 2, 0).numpy().astype(rgb.dtype)  # (H*s, W*s, 3)
-        alpha = img.alpha
-        if alpha is not None:
-            if alpha.dtype == np.uint8:
-                alpha = imresize(alpha, scale)
-            else:  # 16-bit alpha: resize in float, round back
-                alpha = np.clip(np.round(imresize(alpha.astype(np.float64), scale)), 0, 65535).astype(alpha.dtype)
+        alpha = None if img.alpha is None else imresize(img.alpha, scale)  # same dtype, rounded and clipped
         return dataclasses.replace(img, rgb=out_rgb, alpha=alpha)
 
     # ---- machinery -------------------------------------------------------------------------------------------------
@@ -358,8 +358,6 @@ class Upscaler:
     def receptive_radius(self) -> int:
         """Context (LR pixels) each core needs on every side for tiles to equal the whole-image forward."""
         if self._radius is None:
-            from edsr_ray.models import receptive_radius
-
             self._radius = int(receptive_radius(self.model))
         return self._radius
 
@@ -387,6 +385,10 @@ class Upscaler:
         else:
             radius = self.receptive_radius()
             rows, cols = _split_axis(height, tile, radius), _split_axis(width, tile, radius)
+        if self.device.type != "cuda":
+            # Batching buys nothing on CPU once a forward is this large, while a smaller working set stays in cache
+            # and makes the allocator fault in fewer fresh pages; small images and tiles are still batched.
+            max_pixels = min(max_pixels, _CPU_BATCH_PIXELS)
         per_batch = self.tile_batch or max(1, max_pixels // (rows.patch * cols.patch))
         n_patches = batch * len(rows.cores) * len(cols.cores)
         return _Plan(rows, cols, min(per_batch, n_patches))
@@ -479,6 +481,13 @@ def _call(module: nn.Module, x: torch.Tensor, scale: int, dtype: torch.dtype, de
     return module(x, scale).float()
 
 
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor view of ``array`` (no copy when contiguous), read-only arrays included: it is only ever read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def _describe(value: object) -> str:
     if isinstance(value, (np.ndarray, torch.Tensor)):
         return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
@@ -541,11 +550,3 @@ def upscale_decoded(
         model, tile=tile, self_ensemble=self_ensemble, precision=precision, device=device, tile_batch=tile_batch
     )
     return up.upscale_decoded(img, scale)
-
-
-def iter_patches(height: int, width: int, tile: int, radius: int) -> Iterator[tuple[slice, slice, slice, slice]]:
-    """The (patch rows, patch cols, core rows, core cols) LR slices tiling uses for an image (for inspection/tests)."""
-    rows, cols = _split_axis(height, tile, radius), _split_axis(width, tile, radius)
-    for r0, r1, rp in rows.cores:
-        for c0, c1, cp in cols.cores:
-            yield slice(rp, rp + rows.patch), slice(cp, cp + cols.patch), slice(r0, r1), slice(c0, c1)

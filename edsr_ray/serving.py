@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import yaml
@@ -82,7 +82,7 @@ class ServeSettings:
     max_body_bytes: int = 32 << 20
     max_pixels: int = 4_000_000
     body_timeout_s: float = 30.0  # reading the request body (slow clients get 408)
-    request_timeout_s: float = 120.0  # model lookup + upscaling (504 after this)
+    request_timeout_s: float = 120.0  # each call to the model replicas: loading a model, upscaling (then 504)
     # Inference (the shared Upscaler): LR tile side (None: whole images when they fit), precision.
     tile: int | None = None
     precision: str = "auto"
@@ -191,11 +191,16 @@ def load_settings(data: Mapping[str, Any] | None, *, source: str = "serve settin
     """Validated :class:`ServeSettings` from plain (possibly dotted) data; errors name ``source`` and the key."""
     try:
         data = _nest(data or {})
+        # from_dict handles the typed fields; the free-form models mapping (and default_model, which must name one
+        # of them) are set afterwards, which runs the checks of __post_init__ again with everything in place.
         models = data.pop("models", None) or {}
         if not isinstance(models, Mapping):
             raise _InvalidSetting(f"models: expected a mapping of model name → weights source, got {models!r}")
+        default_model = data.pop("default_model", None)
+        if default_model is not None and not isinstance(default_model, str):
+            raise _InvalidSetting(f"default_model: expected a model name, got {default_model!r}")
         settings = from_dict(ServeSettings, data, source=source)
-        return dataclasses.replace(settings, models=dict(models))
+        return dataclasses.replace(settings, models=dict(models), default_model=default_model)
     except _InvalidSetting as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except ConfigError as exc:
@@ -353,8 +358,10 @@ async def image_from_body(headers: Headers, body: bytes) -> tuple[bytes, str]:
     async def stream() -> AsyncIterator[bytes]:
         yield body
 
+    parser = MultiPartParser(headers, stream(), max_files=1, max_fields=16)
+    parser.spool_max_size = len(body) + 1  # the body is in memory already: never spool the file part to disk
     try:
-        form = await MultiPartParser(headers, stream(), max_files=1, max_fields=16).parse()
+        form = await parser.parse()
     except MultiPartException as exc:
         raise RequestRejected(400, "bad_request", f"malformed multipart body: {exc.message}") from None
     try:
@@ -403,9 +410,11 @@ def _upscale_stack(upscaler: Any, images: np.ndarray, scale: int) -> np.ndarray:
     """uint8 (B, H, W, 3) → uint8 (B, H*s, W*s, 3) in one forward batch, quantised like ``Upscaler.upscale``."""
     import torch
 
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
-    y = upscaler.upscale_tensor(x, scale)  # (B, 3, H*s, W*s) float32
-    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    # Moved as uint8 and converted on the device; the output stays there until it is quantised, so only uint8 crosses
+    # back (a quarter of the float32 bytes).
+    x = torch.from_numpy(images).to(upscaler.device).permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
+    y = upscaler.upscale_tensor(x, scale)  # (B, 3, H*s, W*s) float32 on the device
+    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, H*s, W*s, 3)
 
 
 @serve.deployment(name=MODEL_DEPLOYMENT)
@@ -472,7 +481,7 @@ class EdsrModel:
             await self._get_model(name)
         return dict(self._info[name])
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         """This replica's counts of batched forward passes by size, and of images upscaled one at a time."""
         return {
             "batches": {str(k): v for k, v in sorted(self._batch_sizes.items())},
@@ -510,7 +519,7 @@ class EdsrModel:
                 upscaler = loaded.ensemble if ensemble else loaded.plain
                 stack = np.stack([items[i].rgb for i in members])  # (B, H, W, 3) uint8
                 out = await self._run(_upscale_stack, upscaler, stack, scale)  # (B, H*s, W*s, 3) uint8
-            except Exception as exc:  # noqa: BLE001 - handed back to exactly the requests of this group
+            except Exception as exc:  # handed back to exactly the requests of this group
                 logger.exception("batch of %d image(s) for model %r failed", len(members), name)
                 for i in members:
                     results[i] = exc
@@ -605,9 +614,10 @@ class EdsrIngress:
         api.add_exception_handler(RequestRejected, self._on_rejected)
         api.add_exception_handler(RequestValidationError, self._on_invalid)
         api.add_exception_handler(StarletteHTTPException, self._on_http_error)
+        api.add_exception_handler(Exception, self._on_server_error)
         bearer = HTTPBearer(auto_error=False, description="Token from the variable named by auth_token_env")
 
-        def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
             if self._token is not None:
                 check_token(credentials, self._token)
 
@@ -684,6 +694,11 @@ class EdsrIngress:
         assert isinstance(exc, StarletteHTTPException)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
+    async def _on_server_error(self, request: Request, exc: Exception) -> JSONResponse:
+        # Not a client mistake (those are all RequestRejected): a bug or a failed replica. Logged with its traceback
+        # by Starlette; the client gets JSON like every other answer, without internals.
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log has the details"}, 500)
+
     # ---- calls to the model deployment ----------------------------------------------------------------------------
 
     async def _call(self, response: Any, what: str) -> Any:
@@ -698,8 +713,11 @@ class EdsrIngress:
             ) from None
         except EdsrRayError as exc:
             # A model that cannot be loaded (missing file, unreachable store) is the server's problem, not the
-            # client's: 503, with the loader's message (it names the source, never a credential).
-            raise RequestRejected(503, "model_unavailable", f"{what} failed: {_cause_message(exc)}") from None
+            # client's: 503. The loader's message names paths and buckets, so it goes to the log, not to the client.
+            logger.error("%s failed: %s", what, _cause_message(exc))
+            raise RequestRejected(
+                503, "model_unavailable", f"{what} failed ({type(exc).__name__}); the server log has the details"
+            ) from None
 
     async def _model_info(self, name: str) -> dict[str, Any]:
         if name not in self._info:

@@ -214,15 +214,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     shard = ray.train.get_dataset_shard("train")
     per_worker = tcfg.batch_size // world
+    # Every rank must take the same number of steps per epoch (DDP), whatever mix of scales its shard received.
+    num_batches = data_lib.batches_per_epoch(cfg.data, per_worker, world, cfg.model.scales)
+    if num_batches < 1:
+        raise EdsrRayError(
+            f"data.epoch_patches={cfg.data.epoch_patches} is too small for {world} workers with a batch of "
+            f"{per_worker} each at scales {list(cfg.model.scales)}: raise data.epoch_patches"
+        )
     best_psnr = float(loop_config.get("best_psnr", -math.inf))
     window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
     status = "finished"
     epoch = 0
     while step < tcfg.total_steps and status == "finished":
         epoch += 1
-        for lr, hr, scale in data_lib.iter_training_batches(
-            shard, per_worker, cfg.model.scales, device=device, channels_last=channels_last, seed=tcfg.seed + step
-        ):
+        batches = data_lib.iter_training_batches(
+            shard,
+            per_worker,
+            cfg.model.scales,
+            device=device,
+            channels_last=channels_last,
+            seed=tcfg.seed + 7919 * step + rank,
+            num_batches=num_batches,
+        )
+        for lr, hr, scale in batches:
             loss = train_one_step(model, optimizer, scheduler, lr, hr, scale, autocast_dtype)
             step += 1
             # Every rank must agree on a non-finite loss in the same step, or the others would wait forever in the
@@ -251,7 +265,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
             if step % tcfg.val_every == 0 or step == tcfg.total_steps:
                 best_psnr = _validate_and_checkpoint(
-                    model, optimizer, scheduler, step, rank, val_images, device, tcfg.precision, tracker, best_psnr,
+                    model,
+                    optimizer,
+                    scheduler,
+                    step,
+                    rank,
+                    val_images,
+                    device,
+                    tcfg.precision,
+                    tracker,
+                    best_psnr,
                     loop_config,
                 )
                 window_start = time.perf_counter()
@@ -285,7 +308,11 @@ def _validate_and_checkpoint(
     log.info("step %d validation %s", step, {k: round(v, 4) for k, v in val_metrics.items()})
     with tempfile.TemporaryDirectory(prefix="edsr-ckpt-") as tmp:
         save_checkpoint(
-            Path(tmp), model, optimizer, scheduler, step,
+            Path(tmp),
+            model,
+            optimizer,
+            scheduler,
+            step,
             {"metrics": metrics, "mlflow_run_id": loop_config.get("mlflow_run_id")},
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

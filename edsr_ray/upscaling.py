@@ -222,7 +222,8 @@ def process_task(
         encode_and_write(task, upscaled, options, output_uri, cfg)
     except _ITEM_ERRORS as exc:
         reason = str(exc) if isinstance(exc, EdsrRayError) else f"{type(exc).__name__}: {exc}"
-        logger.warning("failed: %s: %s", task.source, reason)
+        # Image and storage errors already name the input; others get it added.
+        logger.warning("failed: %s", reason if task.source in reason else f"{task.source}: {reason}")
         return Outcome(task.source, task.dest, "failed", reason, 0, time.perf_counter() - start)
     seconds = time.perf_counter() - start
     logger.debug("%s -> %s (%dx%d) in %.2f s", task.source, task.dest, image.width, image.height, seconds)

@@ -51,3 +51,24 @@ def s3(tmp_path_factory):
         for key, value in server.env().items():
             mp.setenv(key, value)
         yield server
+
+
+SAMPLE_DIV2K_IDS = ("0001", "0002", "0003", "0004", "0005", "0006", "0801", "0802")
+
+
+@pytest.fixture(scope="session")
+def sample_div2k(tmp_path_factory, photos):
+    """A small DIV2K-layout folder of real photos, HR only: 6 training images 0001-0006 and 2 validation images
+    0801-0802, cropped to different sizes that are multiples of 12 (as DIV2K's are), the smallest 216x288."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("sample") / "DIV2K"
+    names = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "ihc", "retina")
+    for i, (image_id, name) in enumerate(zip(SAMPLE_DIV2K_IDS, names)):
+        img = photos[name]
+        h, w = min(img.shape[0], 216 + 24 * i) // 12 * 12, min(img.shape[1], 288 + 36 * i) // 12 * 12
+        split = "train" if int(image_id) <= 800 else "valid"
+        folder = root / f"DIV2K_{split}_HR"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[:h, :w]).save(folder / f"{image_id}.png")
+    return root

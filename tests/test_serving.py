@@ -13,6 +13,7 @@ import importlib.util
 import os
 import socket
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from edsr_ray.serving import (
     INGRESS_DEPLOYMENT,
     MODEL_DEPLOYMENT,
     RequestRejected,
-    ServeSettings,
     app_builder,
     check_image,
     load_settings,
@@ -164,7 +164,7 @@ def nets(weights) -> dict:
 
 @pytest.fixture(scope="module")
 def service(weights):
-    """Base URL of a local Serve instance running the main, secure and strict applications."""
+    """URLs of a local Serve instance running the main, secure and strict applications, and of its metrics."""
     import ray
     from ray import serve
 
@@ -172,19 +172,26 @@ def service(weights):
 
     old_token = os.environ.get(TOKEN_ENV)
     os.environ[TOKEN_ENV] = TOKEN  # set before Ray starts: its worker processes inherit the driver's environment
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     common = {
         "models": weights,
         "num_cpus": 0,
         "ingress_num_cpus": 0,
         "tile": TILE,
         "max_batch_size": 8,
-        "batch_wait_timeout_s": 0.25,
+        "batch_wait_timeout_s": 1.0,  # long enough for all concurrent test requests to meet in one batch
         "batch_max_pixels": BATCH_MAX_PIXELS,
         "max_body_bytes": MAX_BODY,
         "max_pixels": MAX_PIXELS,
     }
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=200 * 2**20,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},  # custom metrics reach /metrics within a second
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for name, prefix, extra in (
@@ -192,8 +199,9 @@ def service(weights):
             ("secure", "/secure", {"auth_token_env": TOKEN_ENV}),
             ("strict", "/strict", {"request_timeout_s": 0.001}),
         ):
-            serve.run(build_app(load_settings({**common, **extra})), name=name, route_prefix=prefix, blocking=False)
-        yield f"http://127.0.0.1:{port}"
+            app = build_app(load_settings({**common, **extra}))
+            serve.run(app, name=name, route_prefix=prefix, logging_config={"log_level": "WARNING"})
+        yield {"url": f"http://127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -205,7 +213,7 @@ def service(weights):
 
 @pytest.fixture(scope="module")
 def client(service):
-    with httpx.Client(base_url=service, timeout=60) as c:
+    with httpx.Client(base_url=service["url"], timeout=60) as c:
         yield c
 
 
@@ -294,7 +302,7 @@ BAD_REQUESTS = [
     ("bad-format", {"scale": 2, "format": "gif"}, {"content": "good"}, 422, "format 'gif' is not supported"),
     ("bad-quality", {"scale": 2, "quality": 0}, {"content": "good"}, 422, "quality"),
     ("bad-bool", {"scale": 2, "self_ensemble": "maybe"}, {"content": "good"}, 422, "self_ensemble"),
-    ("unloadable-model", {"scale": 2, "model": "missing"}, {"content": "good"}, 503, "not-there.pt"),
+    ("unloadable-model", {"scale": 2, "model": "missing"}, {"content": "good"}, 503, "ModelLoadError"),
 ]
 
 
@@ -331,14 +339,15 @@ def test_other_answers_are_json_and_the_service_stays_up(client):
     by_name = {m["name"]: m for m in listing["models"]}
     assert by_name["mdsr"]["scales"] == [2, 3, 4] and by_name["x3"]["scales"] == [3]
     assert by_name["x2"]["dtype"] == "float32" and listing["precision"] == "auto"
-    assert "not-there.pt" in by_name["missing"]["error"]
+    assert "ModelLoadError" in by_name["missing"]["error"]
+    assert "not-there.pt" not in str(listing)  # server paths stay in the server log
     openapi = client.get("/openapi.json").json()
     assert "/v1/upscale" in openapi["paths"] and client.get("/docs").status_code == 200
 
 
 @pytest.mark.slow
 def test_requests_past_the_timeout_get_504_json(service, image):
-    with httpx.Client(base_url=f"{service}/strict", timeout=60) as c:
+    with httpx.Client(base_url=f"{service['url']}/strict", timeout=60) as c:
         response = c.post("/v1/upscale", params={"scale": 2}, content=encode_image(image, "png"))
         assert response.status_code == 504
         assert "request timeout" in response.json()["error"]
@@ -348,7 +357,7 @@ def test_requests_past_the_timeout_get_504_json(service, image):
 @pytest.mark.slow
 def test_bearer_token_auth(service, client, image):
     png = encode_image(image, "png")
-    with httpx.Client(base_url=f"{service}/secure", timeout=60) as c:
+    with httpx.Client(base_url=f"{service['url']}/secure", timeout=60) as c:
         missing = c.post("/v1/upscale", params={"scale": 2}, content=png)
         assert missing.status_code == 401 and "missing bearer token" in missing.json()["error"]
         assert missing.headers["www-authenticate"] == "Bearer"
@@ -369,7 +378,7 @@ def test_concurrent_small_images_are_batched(service, client, nets, photos):
     before = client.get("/v1/models").json()["stats"]["batches"]
 
     async def send_all() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=service, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=service["url"], timeout=60) as c:
             return await asyncio.gather(
                 *(c.post("/v1/upscale", params={"scale": 4}, content=encode_image(crop)) for crop in crops)
             )
@@ -381,3 +390,31 @@ def test_concurrent_small_images_are_batched(service, client, nets, photos):
     assert max(new) > 1, f"no forward pass held more than one image: {new}"
     for crop, response in zip(crops, responses):
         np.testing.assert_array_equal(_decoded(response).rgb, upscale(nets["x4"], crop, 4))
+
+
+def _metric(text: str, name: str, **tags: str) -> float:
+    """Sum of the Prometheus samples of ``name`` whose labels include ``tags``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in tags.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.slow
+def test_prometheus_metrics_count_images_megapixels_and_rejections(service, client, image):
+    png = encode_image(image, "png")
+    assert client.post("/v1/upscale", params={"scale": 3}, content=png).status_code == 200
+    assert client.post("/v1/upscale", params={"scale": 9}, content=png).status_code == 422
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(service["metrics"], timeout=10).text
+        images = _metric(text, "ray_edsr_serve_images_total", application="main", model="x3", scale="3")
+        megapixels = _metric(text, "ray_edsr_serve_input_megapixels_total", application="main", model="x3")
+        rejected = _metric(text, "ray_edsr_serve_rejections_total", application="main", reason="bad_scale")
+        if (images >= 1 and rejected >= 1) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert images >= 1 and rejected >= 1, "custom counters never reached /metrics"
+    assert megapixels == pytest.approx(images * 48 * 64 / 1e6)
+    assert "ray_serve_num_http_requests_total" in text  # Serve's own metrics are still exported

@@ -1,0 +1,300 @@
+"""Ingest into the embedded S3 server (real SeaweedFS) with real Ray tasks: layout, manifest, idempotency, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from edsr_ray import storage
+from edsr_ray.data import read_manifest
+from edsr_ray.errors import EdsrRayError
+from edsr_ray.imaging import imresize
+from edsr_ray.ingest import assign_indices, discover, ingest
+
+TRAIN = ("0001", "0002", "0003", "0004", "0005", "0006")
+VALID = ("0801", "0802")
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3):
+    """A local Ray instance started after the S3 variables are set, so its workers reach the server."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hr_path(src: Path, image_id: str) -> Path:
+    return src / f"DIV2K_{'train' if int(image_id) <= 800 else 'valid'}_HR" / f"{image_id}.png"
+
+
+def _expected_keys(ids, scales=(2, 3, 4)) -> set[str]:
+    keys = {"manifest.parquet"}
+    for image_id in ids:
+        split = "train" if int(image_id) <= 800 else "valid"
+        keys.add(f"DIV2K_{split}_HR/{image_id}.png")
+        keys |= {f"DIV2K_{split}_LR_bicubic/X{s}/{image_id}x{s}.png" for s in scales}
+    return keys
+
+
+def _keys(root: str) -> set[str]:
+    return {uri[len(root) + 1 :] for uri in storage.list_files(root)}
+
+
+def _run_job(argv: list[str]) -> int:
+    spec = importlib.util.spec_from_file_location("ingest_job", Path(__file__).parents[1] / "jobs" / "ingest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.fixture(scope="module")
+def hr_only_root(sample_div2k, ray_local):
+    root = "s3://edsr/ingest-tests/hr-only"
+    report = ingest([str(sample_div2k)], root, progress=False)
+    return root, report
+
+
+def test_hr_only_folder_gives_layout_and_manifest(sample_div2k, hr_only_root):
+    root, report = hr_only_root
+    assert report.failed == [] and report.images == report.ok == 8
+    assert (report.uploaded, report.generated, report.skipped) == (32, 24, 0)
+    assert report.manifest_written
+    assert _keys(root) == _expected_keys(TRAIN + VALID)
+
+    manifest = read_manifest(root).set_index("id")
+    assert sorted(manifest.index) == sorted(TRAIN + VALID)
+    assert (manifest.loc[list(TRAIN), "split"] == "train").all()
+    assert (manifest.loc[list(VALID), "split"] == "valid").all()
+    assert manifest.loc["0801", "index"] == 801 and manifest.loc["0003", "index"] == 3
+    for image_id, row in manifest.iterrows():
+        source = _hr_path(sample_div2k, image_id).read_bytes()
+        stored = storage.read_bytes(f"{root}/{row['hr_key']}")
+        assert stored == source  # an 8-bit RGB PNG is copied byte for byte
+        assert row["hr_sha256"] == row["hr_source_sha256"] == _sha(stored)
+        hr = _decode(stored)
+        assert (row["hr_width"], row["hr_height"]) == (hr.shape[1], hr.shape[0])
+        for s in (2, 3, 4):
+            lr_bytes = storage.read_bytes(f"{root}/{row[f'lr_x{s}_key']}")
+            assert row[f"lr_x{s}_sha256"] == _sha(lr_bytes)
+            assert bool(row[f"lr_x{s}_generated"])
+            lr = _decode(lr_bytes)
+            assert (row[f"lr_x{s}_width"], row[f"lr_x{s}_height"]) == (hr.shape[1] // s, hr.shape[0] // s)
+            np.testing.assert_array_equal(lr, imresize(hr, 1 / s))  # sizes are multiples of 12: no crop
+
+
+def test_second_ingest_uploads_nothing_and_a_changed_image_is_redone(sample_div2k, hr_only_root, tmp_path):
+    root, _ = hr_only_root
+    before = storage.read_bytes(f"{root}/manifest.parquet")
+    again = ingest([str(sample_div2k)], root, progress=False)
+    assert (again.uploaded, again.generated, again.failed) == (0, 0, [])
+    assert again.skipped == 32 and not again.manifest_written
+    assert storage.read_bytes(f"{root}/manifest.parquet") == before
+
+    # Re-read and re-hash instead of trusting the listing: still nothing to do.
+    verified = ingest([str(sample_div2k)], root, progress=False, verify=True)
+    assert (verified.uploaded, verified.skipped) == (0, 32)
+
+    # One changed source image: its HR and its three LR images are redone, nothing else.
+    changed = tmp_path / "DIV2K"
+    shutil.copytree(sample_div2k, changed)
+    path = _hr_path(changed, "0003")
+    path.write_bytes(_png(255 - _load(path)))
+    third = ingest([str(changed)], root, progress=False)
+    assert (third.uploaded, third.generated, third.skipped) == (4, 3, 28)
+    row = read_manifest(root).set_index("id").loc["0003"]
+    assert row["hr_source_sha256"] == _sha(path.read_bytes())
+    ingest([str(sample_div2k)], root, progress=False)  # back to the original for the other tests
+
+
+def test_supplied_lr_folders_are_used_and_missing_pairs_generated(sample_div2k, ray_local, tmp_path):
+    src = tmp_path / "DIV2K"
+    shutil.copytree(sample_div2k, src)
+    supplied = {}
+    for image_id in TRAIN:
+        if image_id == "0004":
+            continue  # this pair is missing from the LR folder
+        hr = _load(_hr_path(src, image_id))
+        folder = src / "DIV2K_train_LR_bicubic" / "X2"
+        folder.mkdir(parents=True, exist_ok=True)
+        # Not what imresize gives, so the test can tell a supplied LR from a generated one.
+        lr = np.ascontiguousarray(hr[::2, ::2])
+        (folder / f"{image_id}x2.png").write_bytes(_png(lr))
+        supplied[image_id] = (folder / f"{image_id}x2.png").read_bytes()
+
+    root = "s3://edsr/ingest-tests/with-lr"
+    report = ingest([str(src)], root, scales=(2, 4), progress=False)
+    assert report.failed == []
+    assert report.generated == 8 + 1 + 2  # x4 everywhere, the missing x2 pair, x2 of the two valid images
+    assert len(report.missing_lr) == 1 and "0004.png" in report.missing_lr[0] and "x2" in report.missing_lr[0]
+    assert _keys(root) == _expected_keys(TRAIN + VALID, scales=(2, 4))
+
+    manifest = read_manifest(root).set_index("id")
+    assert manifest["lr_x3_key"].isna().all()
+    for image_id, data in supplied.items():
+        row = manifest.loc[image_id]
+        assert not row["lr_x2_generated"] and row["lr_x2_sha256"] == _sha(data)
+        assert storage.read_bytes(f"{root}/{row['lr_x2_key']}") == data
+    assert bool(manifest.loc["0004", "lr_x2_generated"])
+    # Valid images had no LR folder at all: generated, and not reported as missing.
+    assert bool(manifest.loc["0801", "lr_x2_generated"])
+
+
+def test_official_zips_give_the_same_dataset(sample_div2k, hr_only_root, tmp_path):
+    hr_root, _ = hr_only_root
+    zips = []
+    for split, ids in (("train", TRAIN), ("valid", VALID)):
+        path = tmp_path / f"DIV2K_{split}_HR.zip"
+        with zipfile.ZipFile(path, "w") as archive:
+            for image_id in ids:
+                archive.write(_hr_path(sample_div2k, image_id), f"DIV2K_{split}_HR/{image_id}.png")
+        zips.append(path)
+    # The LR zip: official internal paths, made with the same bicubic (so the checksums must agree).
+    lr_zip = tmp_path / "DIV2K_train_LR_bicubic_X2.zip"
+    with zipfile.ZipFile(lr_zip, "w") as archive:
+        for image_id in TRAIN:
+            lr = imresize(_load(_hr_path(sample_div2k, image_id)), 1 / 2)
+            archive.writestr(f"DIV2K_train_LR_bicubic/X2/{image_id}x2.png", _png(lr))
+    zips.append(lr_zip)
+
+    root = "s3://edsr/ingest-tests/zips"
+    report = ingest([str(p) for p in zips], root, progress=False)
+    assert report.failed == [] and report.ok == 8 and report.missing_lr == []
+    assert report.generated == 8 * 2 + 2  # x3 and x4 everywhere, x2 for the two valid images
+    assert _keys(root) == _expected_keys(TRAIN + VALID)
+
+    from_zips = read_manifest(root).set_index("id").sort_index()
+    from_folder = read_manifest(hr_root).set_index("id").sort_index()
+    for column in ("hr_key", "hr_sha256", "lr_x2_key", "lr_x3_sha256", "lr_x4_sha256", "index", "split"):
+        assert from_zips[column].tolist() == from_folder[column].tolist(), column
+    assert not from_zips.loc[list(TRAIN), "lr_x2_generated"].any()
+    # Decoded LR pixels agree with the folder ingest's generated ones (the PNG bytes may differ by encoder).
+    for image_id in TRAIN:
+        key = from_zips.loc[image_id, "lr_x2_key"]
+        np.testing.assert_array_equal(
+            _decode(storage.read_bytes(f"{root}/{key}")), _decode(storage.read_bytes(f"{hr_root}/{key}"))
+        )
+
+
+def test_corrupt_and_wrong_size_images_are_reported_by_name(sample_div2k, ray_local, tmp_path, capsys):
+    src = tmp_path / "DIV2K"
+    shutil.copytree(sample_div2k, src)
+    corrupt = _hr_path(src, "0005")
+    corrupt.write_bytes(corrupt.read_bytes()[:5000])  # truncated download
+    hr = _load(_hr_path(src, "0002"))
+    folder = src / "DIV2K_train_LR_bicubic" / "X2"
+    folder.mkdir(parents=True)
+    (folder / "0002x2.png").write_bytes(_png(imresize(hr, 1 / 2)[:-3]))  # 3 rows short
+    (folder / "0009x2.png").write_bytes(_png(imresize(hr, 1 / 2)))  # no HR image 0009
+
+    root = "s3://edsr/ingest-tests/bad"
+    code = _run_job(["--source", str(src), "--dest", root, "--scales", "2", "3", "--no-progress"])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "3 failed" in out
+    assert f"{corrupt}: corrupt image" in out
+    assert f"{folder / '0002x2.png'}: LR is" in out and "expected" in out
+    assert f"{folder / '0009x2.png'}: LR image without an HR image" in out
+
+    manifest = read_manifest(root).set_index("id")
+    assert "0005" not in manifest.index and len(manifest) == 7
+    row = manifest.loc["0002"]
+    assert pd.isna(row["lr_x2_key"]) and row["lr_x3_key"] == "DIV2K_train_LR_bicubic/X3/0002x3.png"
+    assert not storage.exists(f"{root}/DIV2K_train_HR/0005.png")
+    # The X2 folder lacks the other training images: generated, and named in the summary.
+    assert "4 LR images missing from the source folders were generated" in out
+    assert f"{_hr_path(src, '0006')} x2" in out
+
+
+def test_benchmark_layout_crops_hr_to_a_multiple_of_the_scale(photos, ray_local, tmp_path):
+    src = tmp_path / "Set5"
+    (src / "HR").mkdir(parents=True)
+    (src / "LR_bicubic" / "X2").mkdir(parents=True)
+    sizes = {"baby": (301, 257), "bird": (288, 288), "butterfly": (257, 263)}  # (w, h), not multiples of 3 or 4
+    for (name, (w, h)), photo in zip(sizes.items(), ("coffee", "chelsea", "astronaut")):
+        hr = photos[photo][:h, :w]
+        (src / "HR" / f"{name}.png").write_bytes(_png(hr))
+        lr = imresize(hr[: h // 2 * 2, : w // 2 * 2], 1 / 2)
+        (src / "LR_bicubic" / "X2" / f"{name}x2.png").write_bytes(_png(lr))
+
+    root = "s3://edsr/ingest-tests/bench"
+    report = ingest([str(src)], root, progress=False)
+    assert report.failed == [] and report.ok == 3 and report.missing_lr == []
+    manifest = read_manifest(root).set_index("id").sort_values("index")
+    assert list(manifest.index) == ["baby", "bird", "butterfly"] and list(manifest["index"]) == [1, 2, 3]
+    assert set(manifest["dataset"]) == {"Set5"} and set(manifest["split"]) == {"test"}
+    for name, (w, h) in sizes.items():
+        row = manifest.loc[name]
+        assert row["hr_key"] == f"benchmark/Set5/HR/{name}.png"
+        hr = _decode(storage.read_bytes(f"{root}/{row['hr_key']}"))
+        assert hr.shape == (h, w, 3)  # stored uncropped
+        for s in (3, 4):
+            assert row[f"lr_x{s}_key"] == f"benchmark/Set5/LR_bicubic/X{s}/{name}x{s}.png"
+            lr = _decode(storage.read_bytes(f"{root}/{row[f'lr_x{s}_key']}"))
+            np.testing.assert_array_equal(lr, imresize(hr[: h // s * s, : w // s * s], 1 / s))
+        assert not row["lr_x2_generated"]
+
+
+def test_split_and_index_rules_for_loose_images(photo, tmp_path):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for name in ("0007", "0805", "0950"):
+        (loose / f"{name}.png").write_bytes(_png(photo[:48, :48]))
+    items, problems = discover([str(loose)])
+    assert problems == []
+    assert {i.id: (i.split, i.index) for i in items} == {
+        "0007": ("train", 7),
+        "0805": ("valid", 805),
+        "0950": ("test", 950),
+    }
+
+    named = tmp_path / "named"
+    named.mkdir()
+    for name in ("zebra", "apple"):
+        (named / f"{name}.jpg").write_bytes(_png(photo[:48, :48]))
+    with pytest.raises(EdsrRayError, match=r"cannot tell the DIV2K split of .*apple\.jpg.*--split"):
+        discover([str(named)])
+    items, _ = discover([str(named)], split="valid")
+    existing = [{"dataset": "DIV2K", "id": "0801", "index": 801}]
+    assign_indices(items, existing)
+    assert {i.id: i.index for i in items} == {"apple": 802, "zebra": 803}
+
+    with pytest.raises(EdsrRayError, match="comes from two files"):
+        discover([str(loose), str(loose)])
+    with pytest.raises(EdsrRayError, match="no such folder"):
+        discover([str(tmp_path / "missing")])
+
+
+def test_job_usage_errors_exit_2(tmp_path, capsys):
+    assert _run_job(["--source", str(tmp_path / "nope"), "--dest", str(tmp_path / "out")]) == 2
+    assert "no such folder or file" in capsys.readouterr().err
+    assert _run_job(["--source", str(tmp_path), "--dest", "x", "--endpoint-url", "ftp://host"]) == 2
+    assert "endpoint_url" in capsys.readouterr().err
