@@ -55,9 +55,10 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.parquet"
 DIV2K = "DIV2K"
 # Column order of manifest.parquet. Keys are relative to the dataset root; LR columns are null where an image has no
-# LR at that scale. ``lr_x{s}_generated`` is true where ingest made the LR with imresize from the HR image cropped to a
-# multiple of s (top-left aligned, as the benchmark code does); ``hr_source_sha256`` is the checksum of the file the HR
-# object was made from, so a re-run can skip unchanged sources without decoding them.
+# LR at that scale. ``*_sha256`` is the checksum of the stored object, ``*_source_sha256`` that of the file it was made
+# from (so a re-run skips unchanged sources without decoding them). ``lr_x{s}_generated`` is true where ingest made
+# the LR with imresize from the HR image cropped to a multiple of s (top-left aligned, as the benchmark code does;
+# its source is the HR file).
 _BASE_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("dataset", pa.string()),
     ("split", pa.string()),
@@ -69,13 +70,15 @@ _BASE_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("hr_sha256", pa.string()),
     ("hr_source_sha256", pa.string()),
 )
-_LR_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
+_LR_TYPES: tuple[tuple[str, pa.DataType], ...] = (
     ("key", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("sha256", pa.string()),
     ("generated", pa.bool_()),
+    ("source_sha256", pa.string()),
 )
+LR_FIELDS = tuple(name for name, _ in _LR_TYPES)
 
 
 def lr_column(scale: int, field: str) -> str:
@@ -85,11 +88,13 @@ def lr_column(scale: int, field: str) -> str:
 
 MANIFEST_SCHEMA = pa.schema(
     [pa.field(name, dtype, nullable=False) for name, dtype in _BASE_COLUMNS]
-    + [pa.field(lr_column(s, f), dtype, nullable=True) for s in SCALES for f, dtype in _LR_FIELDS]
+    + [pa.field(lr_column(s, f), dtype, nullable=True) for s in SCALES for f, dtype in _LR_TYPES]
 )
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Read tasks per epoch at most; longer epochs put several images in one task.
+MAX_READ_TASKS = 2000
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -339,8 +344,8 @@ class _Unit:
     number: int
 
 
-def _read_unit(unit: _Unit, patch_size: int, augment: bool, cfg: StorageConfig | None) -> list[Any]:
-    """Runs in a Ray Data read task: fetch + decode one LR/HR pair, cut the unit's patches, return one block."""
+def _read_unit(unit: _Unit, patch_size: int, augment: bool, cfg: StorageConfig | None) -> Any:
+    """Fetch + decode one LR/HR pair and cut the unit's patches into one block (runs in a Ray Data read task)."""
     image, s = unit.image, unit.scale
     hr = decode_rgb8(storage_lib.read_bytes(image.hr_uri, cfg), image.hr_uri)
     lr = decode_rgb8(storage_lib.read_bytes(image.lr_uri, cfg), image.lr_uri)
@@ -355,7 +360,12 @@ def _read_unit(unit: _Unit, patch_size: int, augment: bool, cfg: StorageConfig |
     except ImageError as exc:
         raise ImageError(f"{image.hr_uri} / {image.lr_uri}: {exc}") from None
     batch = {"lr": patches.lr, "hr": patches.hr, "scale": np.full(unit.count, s, dtype=np.int64)}
-    return [BlockAccessor.batch_to_block(batch)]
+    return BlockAccessor.batch_to_block(batch)
+
+
+def _read_units(units: Sequence[_Unit], patch_size: int, augment: bool, cfg: StorageConfig | None) -> Iterator[Any]:
+    for unit in units:
+        yield _read_unit(unit, patch_size, augment, cfg)
 
 
 class PatchDatasource(Datasource):
@@ -363,7 +373,8 @@ class PatchDatasource(Datasource):
 
     The plan: ``ceil(epoch_patches / patches_per_image)`` units, scales dealt out as evenly as possible in random
     order (so in MDSR mode every scale gets the same share of each epoch), images taken per scale from a fresh random
-    permutation (every image is used before any repeats), each unit one read task and one block of patches.
+    permutation (every image is used before any repeats); each unit is one block of patches and, up to
+    :data:`MAX_READ_TASKS` per epoch, one read task.
     """
 
     def __init__(
@@ -423,13 +434,17 @@ class PatchDatasource(Datasource):
         self._calls[0] += 1
         # A 128-bit entropy per plan: from the seed and the call number (reproducible), or from the OS.
         entropy = self._seed * 2**64 + call if self._seed is not None else secrets.randbits(128)
+        units = self.plan(entropy)
+        # One unit per read task, unless an epoch is so long that scheduling that many tasks would cost more than
+        # it spreads: then consecutive units share a task (each still one block).
+        per_task = math.ceil(len(units) / MAX_READ_TASKS)
         size = self.estimate_inmemory_data_size() / self._epoch_patches
         tasks = []
-        for unit in self.plan(entropy):
-            meta = BlockMetadata(
-                num_rows=unit.count, size_bytes=int(size * unit.count), input_files=None, exec_stats=None
-            )
-            fn = functools.partial(_read_unit, unit, self._patch_size, self._augment, self._storage)
+        for start in range(0, len(units), per_task):
+            group = units[start : start + per_task]
+            rows = sum(u.count for u in group)
+            meta = BlockMetadata(num_rows=rows, size_bytes=int(size * rows), input_files=None, exec_stats=None)
+            fn = functools.partial(_read_units, group, self._patch_size, self._augment, self._storage)
             tasks.append(ReadTask(fn, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -516,7 +531,8 @@ def patch_dataset(
         cfg.epoch_patches,
         source.num_units(),
     )
-    return ray.data.read_datasource(source, override_num_blocks=source.num_units(), num_cpus=num_cpus)
+    blocks = min(source.num_units(), MAX_READ_TASKS)
+    return ray.data.read_datasource(source, override_num_blocks=blocks, num_cpus=num_cpus)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@
   others the ``benchmark`` protocol (Y, border scale), as in the paper.
 * **Models.** :class:`ModelSpec`: ``[LABEL=]SOURCE`` where SOURCE is anything :func:`~edsr_ray.models.load_model`
   reads, or ``bicubic`` (the baseline row: ``imresize(lr, scale)``). An MDSR model is evaluated at every requested
-  scale it has; an EDSR model only at its own (its other cells read ``n/a``).
+  scale it has; an EDSR model only at its own (its other cells read ``n/a``). Single-scale models given one label
+  share a column, each filling its scale (``EDSR=edsr_x2.pt EDSR=edsr_x3.pt EDSR=edsr_x4.pt`` is the paper's "EDSR").
 * **Preflight.** Everything checkable without computing is checked before any image is upscaled: models load, sets
   exist, every LR partner exists (and, with a manifest, has size HR / scale). Problems raise :class:`EvaluationError`
   naming every bad item.
@@ -102,15 +103,23 @@ class EvalImage:
 
 @dataclass(frozen=True)
 class EvalSet:
-    """A named evaluation set and its images, sorted by id; ``generated`` sets make their LR inputs with imresize."""
+    """A named evaluation set and its images, sorted by id.
+
+    ``kind`` says where the pairs come from: ``manifest`` (an ingested root), ``layout`` (the official folder layout,
+    LR partners found by name) or ``generated`` (HR images only; LR inputs are made with imresize).
+    """
 
     name: str
     location: str
     protocol: str
     images: tuple[EvalImage, ...]
-    generated: bool = False
-    dataset: str = ""  # the manifest's dataset name (matches --sets too), e.g. "DIV2K" for "DIV2K_valid"
+    kind: str = "layout"
+    dataset: str = ""  # the dataset name (matches --sets too), e.g. "DIV2K" for "DIV2K_valid"
     split: str = ""
+
+    @property
+    def generated(self) -> bool:
+        return self.kind == "generated"
 
 
 def protocol_for(set_name: str) -> str:
@@ -131,12 +140,17 @@ def _lr_scale_of(stem: str, scale: int) -> str | None:
     return stem[: -len(suffix)] if stem.lower().endswith(suffix) and len(stem) > len(suffix) else None
 
 
-def discover_sets(location: str, cfg: StorageConfig | None = None) -> list[EvalSet]:
+def discover_sets(location: str, cfg: StorageConfig | None = None, *, exclude: str | None = None) -> list[EvalSet]:
     """The evaluation sets at ``location`` (see the module docstring for the layouts understood).
 
-    Raises :class:`EvaluationError` when the location holds no images, and StorageError when it cannot be listed.
+    Files below ``exclude`` (an output location inside the dataset folder) are ignored, so a second run never takes
+    the first run's SR images for HR images. Raises :class:`EvaluationError` when the location holds no images, and
+    StorageError when it cannot be listed.
     """
     files = storage.list_files(location, cfg)
+    if exclude:
+        skip = _absolute(exclude).rstrip("/") + "/"
+        files = [f for f in files if not _absolute(f).startswith(skip)]
     base = location.rstrip("/")
     rel = [f[len(base) + 1 :] for f in files if f.startswith(base + "/")]
     if MANIFEST in rel:
@@ -153,7 +167,11 @@ def discover_sets(location: str, cfg: StorageConfig | None = None) -> list[EvalS
     # Any other folder: every image below it is an HR image; LR inputs are generated.
     entries = tuple(EvalImage(_strip_suffix(r), storage.join(location, r)) for r in sorted(images))
     name = _display_name(location)
-    return [EvalSet(name, location, protocol_for(name), entries, generated=True, dataset=name)]
+    return [EvalSet(name, location, protocol_for(name), entries, kind="generated", dataset=name)]
+
+
+def _absolute(uri: str) -> str:
+    return uri if storage.is_s3(uri) else os.path.realpath(os.path.expanduser(uri))
 
 
 def _strip_suffix(rel: str) -> str:
@@ -163,22 +181,19 @@ def _strip_suffix(rel: str) -> str:
 
 def _sets_from_layout(location: str, images: Sequence[str]) -> list[EvalSet]:
     """Sets in the official folder layouts (benchmark ``HR``/``LR_bicubic`` and DIV2K ``*_HR``/``*_LR_bicubic``)."""
-    hr: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)  # (kind, set prefix) -> {stem: rel path}
-    lr: dict[tuple[str, str], dict[tuple[str, int], str]] = defaultdict(dict)  # -> {(stem, scale): rel path}
+    # (kind, set prefix) -> {stem: HR rel path} and -> {stem: {scale: LR rel path}}
+    hr: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    lr: dict[tuple[str, str], dict[str, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
     for r in images:
-        if m := _DIV2K_LR.match(r):
-            key = ("div2k", f"{m['prefix'] or ''}|{m['split']}")
+        if m := _DIV2K_LR.match(r) or _BENCH_LR.match(r):
+            kind = "div2k" if "split" in m.groupdict() else "bench"
+            group = (kind, f"{m['prefix'] or ''}|{m['split']}" if kind == "div2k" else m["prefix"] or "")
             scale = int(m["scale"])
             stem = _lr_scale_of(PurePosixPath(m["file"]).stem, scale)
             if stem is not None:
-                lr[key][(stem, scale)] = r
+                lr[group][stem][scale] = r
         elif m := _DIV2K_HR.match(r):
             hr[("div2k", f"{m['prefix'] or ''}|{m['split']}")][PurePosixPath(m["file"]).stem] = r
-        elif m := _BENCH_LR.match(r):
-            scale = int(m["scale"])
-            stem = _lr_scale_of(PurePosixPath(m["file"]).stem, scale)
-            if stem is not None:
-                lr[("bench", m["prefix"] or "")][(stem, scale)] = r
         elif m := _BENCH_HR.match(r):
             hr[("bench", m["prefix"] or "")][PurePosixPath(m["file"]).stem] = r
     sets = []
@@ -188,7 +203,7 @@ def _sets_from_layout(location: str, images: Sequence[str]) -> list[EvalSet]:
             EvalImage(
                 stem,
                 storage.join(location, path),
-                {s: storage.join(location, p) for (st, s), p in partners.items() if st == stem},
+                {s: storage.join(location, p) for s, p in partners.get(stem, {}).items()},
             )
             for stem, path in sorted(stems.items())
         )
@@ -224,7 +239,7 @@ def _sets_from_manifest(location: str, cfg: StorageConfig | None) -> list[EvalSe
         name = f"{dataset}_{split}" if split and several else dataset
         members.sort(key=lambda r: str(r["id"]))  # the order of the folder layouts (and of the official code)
         entries = tuple(_manifest_image(location, row) for row in members)
-        sets.append(EvalSet(name, location, protocol_for(name), entries, dataset=dataset, split=split))
+        sets.append(EvalSet(name, location, protocol_for(name), entries, "manifest", dataset, split))
     return sets
 
 
@@ -243,7 +258,12 @@ def _manifest_image(location: str, row: Mapping[str, Any]) -> EvalImage:
 
 
 def select_sets(
-    locations: Sequence[str], names: Sequence[str] = (), cfg: StorageConfig | None = None, *, limit: int | None = None
+    locations: Sequence[str],
+    names: Sequence[str] = (),
+    cfg: StorageConfig | None = None,
+    *,
+    limit: int | None = None,
+    exclude: str | None = None,
 ) -> list[EvalSet]:
     """The sets to evaluate: every set found at ``locations`` (training splits left out), or the ones ``names`` asks
     for, matched case-insensitively by set name (``DIV2K_valid``) or by dataset name when that is unambiguous
@@ -251,7 +271,7 @@ def select_sets(
     found: list[EvalSet] = []
     seen: dict[str, str] = {}
     for loc in locations:
-        for s in discover_sets(loc, cfg):
+        for s in discover_sets(loc, cfg, exclude=exclude):
             if s.name.lower() in seen:
                 raise EvaluationError(
                     f"set {s.name!r} is found both in {seen[s.name.lower()]} and in {s.location}; evaluate them in "
@@ -518,16 +538,18 @@ def load_pair(item: Mapping[str, Any], cfg: StorageConfig | None = None) -> tupl
 
 
 class ImageEvaluator:
-    """Ray Data callable class: evaluates work items (one per set, image and scale) for one model's variants.
+    """Ray Data callable class: evaluates work items (one per set, image and scale) with every model that has the
+    item's scale, so each image pair is read and decoded once for all the table's columns.
 
-    The model is built once, in ``__init__``, from a checkpoint dict (or a Ray object reference to one); ``None`` is
-    the bicubic baseline. Each input row gives one output row per variant: metrics and timing, or the failure reason.
+    ``models``: ``{"checkpoint", "scales", "variants": [{"label", "self_ensemble"}]}`` per model, where the checkpoint
+    is a dict from :func:`~edsr_ray.models.model_checkpoint`, a Ray object reference to one, or ``None`` for the
+    bicubic baseline. The networks are built once, in ``__init__``. Each input row gives one output row per column
+    that has its scale: metrics and timing, or the failure reason.
     """
 
     def __init__(
         self,
-        checkpoint: Any,
-        variants: Sequence[Mapping[str, Any]],
+        models: Sequence[Mapping[str, Any]],
         *,
         tile: int | None = None,
         precision: str = "fp32",
@@ -536,23 +558,24 @@ class ImageEvaluator:
         save_images: bool = False,
         pictures: bool = False,
     ):
-        self.cfg = from_dict(StorageConfig, storage_config) if storage_config is not None else None
-        self.output, self.save_images, self.pictures = output, save_images, pictures
-        self.upscalers: list[tuple[str, Any]] = []
-        if checkpoint is None:
-            self.upscalers = [(str(v["label"]), None) for v in variants]
-            return
-        ray = sys.modules.get("ray")
-        if ray is not None and isinstance(checkpoint, ray.ObjectRef):  # when Ray passes the reference on unresolved
-            checkpoint = ray.get(checkpoint)
         from edsr_ray.inference import Upscaler
         from edsr_ray.models import load_model
 
-        model = load_model(checkpoint)
-        self.upscalers = [
-            (str(v["label"]), Upscaler(model, tile=tile, self_ensemble=bool(v["self_ensemble"]), precision=precision))
-            for v in variants
-        ]
+        self.cfg = from_dict(StorageConfig, storage_config) if storage_config is not None else None
+        self.output, self.save_images, self.pictures = output, save_images, pictures
+        # (label, scales, upscaler or None for bicubic), in table order.
+        self.columns: list[tuple[str, frozenset[int], Any]] = []
+        ray = sys.modules.get("ray")
+        for m in models:
+            checkpoint = m["checkpoint"]
+            if ray is not None and isinstance(checkpoint, ray.ObjectRef):  # put in the object store by the driver
+                checkpoint = ray.get(checkpoint)
+            model = None if checkpoint is None else load_model(checkpoint)
+            for v in m["variants"]:
+                upscaler = None
+                if model is not None:
+                    upscaler = Upscaler(model, tile=tile, self_ensemble=bool(v["self_ensemble"]), precision=precision)
+                self.columns.append((str(v["label"]), frozenset(int(s) for s in m["scales"]), upscaler))
 
     def __call__(self, batch: Any) -> Any:
         """pandas DataFrame of work items → pandas DataFrame of :class:`ImageResult` fields."""
@@ -564,22 +587,21 @@ class ImageEvaluator:
         return pd.DataFrame(rows, columns=list(ImageResult.__dataclass_fields__))
 
     def evaluate(self, item: Mapping[str, Any]) -> list[ImageResult]:
-        """Every variant on one work item; problems caused by the input become failed results naming it."""
+        """Every column with the item's scale on one work item; problems the input causes become failed results."""
         scale, set_name, image = int(item["scale"]), str(item["set"]), str(item["image"])
+        columns = [(label, up) for label, scales, up in self.columns if scale in scales]
         try:
             hr, lr = load_pair(item, self.cfg)
         except _ITEM_ERRORS as exc:
-            reason = _reason(exc, str(item["hr_uri"]))
+            reason = _reason(exc, item)
             logger.warning("%s/%s x%d failed: %s", set_name, image, scale, reason)
-            return [
-                ImageResult(lab, set_name, scale, image, status="failed", error=reason) for lab, _ in self.upscalers
-            ]
+            return [ImageResult(label, set_name, scale, image, status="failed", error=reason) for label, _ in columns]
         out = []
-        for label, upscaler in self.upscalers:
+        for label, upscaler in columns:
             try:
                 out.append(self._one(label, upscaler, hr, lr, item))
             except _ITEM_ERRORS as exc:
-                reason = _reason(exc, str(item["hr_uri"]))
+                reason = _reason(exc, item)
                 logger.warning("%s on %s/%s x%d failed: %s", label, set_name, image, scale, reason)
                 out.append(ImageResult(label, set_name, scale, image, status="failed", error=reason))
         return out
@@ -602,31 +624,30 @@ class ImageEvaluator:
             )
             storage.write_bytes(sr_uri, encode_image(sr, "png"), self.cfg)
         picture = b""
-        if self.pictures:
+        if self.pictures and upscaler is not None:  # no grid for the bicubic baseline itself
             from edsr_ray.tracking import comparison_picture
 
-            bicubic = sr if upscaler is None else imresize(lr, scale)
+            bicubic = imresize(lr, scale)
             strip = comparison_picture(bicubic, sr, hr[: sr.shape[0], : sr.shape[1]], crop=GRID_CROP)
             picture = encode_image(strip, "jpeg", quality=92)
         return ImageResult(
-            label,
-            str(item["set"]),
-            scale,
-            str(item["image"]),
-            value_psnr,
-            value_ssim,
-            seconds,
-            "ok",
-            "",
-            sr_uri,
-            picture,
+            model=label,
+            set=str(item["set"]),
+            scale=scale,
+            image=str(item["image"]),
+            psnr=value_psnr,
+            ssim=value_ssim,
+            seconds=seconds,
+            sr_uri=sr_uri,
+            picture=picture,
         )
 
 
-def _reason(exc: Exception, name: str) -> str:
-    """The failure text for one image; project errors name their file already, others get ``name`` in front."""
+def _reason(exc: Exception, item: Mapping[str, Any]) -> str:
+    """The failure text for one image, naming its file: the HR file is put in front unless a file is named already."""
     text = str(exc) if isinstance(exc, EdsrRayError) else f"{type(exc).__name__}: {exc}"
-    return text if isinstance(exc, EdsrRayError) and "/" in text else f"{name}: {text}"
+    named = any(uri and str(uri) in text for uri in (item["hr_uri"], item["lr_uri"]))
+    return text if named else f"{item['hr_uri']}: {text}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -637,12 +658,10 @@ def resolve_models(specs: Sequence[ModelSpec], ensemble: str, cfg: StorageConfig
     """Load every model once (a bad file fails here, by name) and decide its table columns."""
     from edsr_ray.models import load_model, model_checkpoint
 
-    labels = [s.label for s in specs]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise EvaluationError(f"two --model entries are both labelled {dup[0]!r}; name them with LABEL=SOURCE")
-    out = []
+    out: list[_ResolvedModel] = []
     for spec in specs:
+        if spec.is_bicubic and any(m.spec.label == spec.label for m in out):
+            raise EvaluationError(f"two --model entries are both labelled {spec.label!r}; name them with LABEL=SOURCE")
         if spec.is_bicubic:
             out.append(_ResolvedModel(spec, tuple(SCALES), [Variant(spec.label, spec.label, False)], None))
             continue
@@ -652,6 +671,14 @@ def resolve_models(specs: Sequence[ModelSpec], ensemble: str, cfg: StorageConfig
             variants.append(Variant(spec.label, spec.label, False))
         if ensemble in ("both", "only"):
             variants.append(Variant(f"{spec.label}+", spec.label, True))
+        for other in out:
+            # One label may gather single-scale models into one column (EDSR x2, x3, x4 as the paper's "EDSR").
+            if other.spec.label == spec.label and (other.checkpoint is None or set(other.scales) & set(model.scales)):
+                raise EvaluationError(
+                    f"--model {spec.label}={spec.source} and {other.spec.label}={other.spec.source} share a label and "
+                    f"a scale ({sorted(set(other.scales) & set(model.scales)) or 'bicubic'}); one column takes each "
+                    "scale from one model: give them different labels"
+                )
         out.append(_ResolvedModel(spec, tuple(model.scales), variants, model_checkpoint(model)))
     return out
 
@@ -692,8 +719,7 @@ def plan_items(
                 problems.append(f"{s.name} x{scale}: no LR images at all (is X{scale} ingested for {s.location}?)")
             else:
                 problems.extend(
-                    f"{s.name}/{i} x{scale}: missing LR partner of {_hr_uri(s, i)} (expected "
-                    f"{_expected_lr(s, i, scale)})"
+                    f"{s.name}/{i} x{scale}: missing LR partner of {_hr_uri(s, i)} ({_missing_hint(s, i, scale)})"
                     for i in missing
                 )
     return items, problems
@@ -703,15 +729,16 @@ def _hr_uri(s: EvalSet, image_id: str) -> str:
     return next(img.hr_uri for img in s.images if img.id == image_id)
 
 
-def _expected_lr(s: EvalSet, image_id: str, scale: int) -> str:
+def _missing_hint(s: EvalSet, image_id: str, scale: int) -> str:
+    """Where the missing LR image was looked for."""
+    if s.kind == "manifest":
+        return f"the manifest has no lr_x{scale}_key for it; ingest X{scale} for this set"
     hr = _hr_uri(s, image_id)
+    stem = PurePosixPath(hr).stem
     if "_HR/" in hr:  # DIV2K layout
-        folder, name = hr.rsplit("/", 1)
-        return f"{folder[: -len('_HR')]}_LR_bicubic/X{scale}/{PurePosixPath(name).stem}x{scale}.png"
-    if "/HR/" in hr:
-        folder, name = hr.rsplit("/HR/", 1)
-        return f"{folder}/LR_bicubic/X{scale}/{PurePosixPath(name).stem}x{scale}.png"
-    return f"an lr_x{scale}_key in the manifest"
+        return f"expected {hr.rsplit('/', 1)[0][: -len('_HR')]}_LR_bicubic/X{scale}/{stem}x{scale}.png"
+    folder = hr.rsplit("/HR/", 1)[0]
+    return f"expected {folder}/LR_bicubic/X{scale}/{stem}x{scale}.png"
 
 
 def _listing(problems: Sequence[str]) -> str:
@@ -732,45 +759,49 @@ def _check_output(output: str) -> None:
 
 
 def _run_items(
-    items: list[dict[str, Any]], model: _ResolvedModel, options: EvaluationOptions, *, pictures: bool
+    items: list[dict[str, Any]], models: Sequence[_ResolvedModel], options: EvaluationOptions
 ) -> list[ImageResult]:
+    """Evaluate the work items with an actor pool (Ray Data), or in this process when ``use_ray`` is off."""
     kwargs = {
-        "variants": [asdict(v) for v in model.variants],
         "tile": options.tile,
         "precision": options.precision,
         "storage_config": to_dict(options.storage) if options.storage is not None else None,
         "output": options.output,
         "save_images": options.save_images,
-        "pictures": pictures,
+        "pictures": options.grid > 0,
     }
+
+    def spec(m: _ResolvedModel, checkpoint: Any) -> dict[str, Any]:
+        return {"checkpoint": checkpoint, "scales": list(m.scales), "variants": [asdict(v) for v in m.variants]}
+
     if not options.use_ray:
-        evaluator = ImageEvaluator(model.checkpoint, **kwargs)
+        evaluator = ImageEvaluator([spec(m, m.checkpoint) for m in models], **kwargs)
         return [r for item in items for r in evaluator.evaluate(item)]
 
     import ray
 
-    checkpoint = None if model.checkpoint is None else ray.put(model.checkpoint)
-    use_gpu = model.checkpoint is not None and ray.cluster_resources().get("GPU", 0) >= 1
-    if use_gpu:
-        slots = int(ray.cluster_resources()["GPU"])
-        resources: dict[str, Any] = {"num_gpus": 1}
+    # Weights go to the object store once; every actor reads them from there (not from the model's original source,
+    # which workers may not reach, e.g. an MLflow server only the driver can see).
+    specs = [spec(m, None if m.checkpoint is None else ray.put(m.checkpoint)) for m in models]
+    resources = ray.cluster_resources()
+    if any(m.checkpoint is not None for m in models) and resources.get("GPU", 0) >= 1:
+        slots, per_actor = int(resources["GPU"]), {"num_gpus": 1}
     else:
-        slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        resources = {"num_cpus": 1}
+        slots, per_actor = max(1, int(resources.get("CPU", 1))), {"num_cpus": 1}
     actors = max(1, min(options.workers or slots, len(items)))
+    logger.info("evaluating %d work items on up to %d actor(s) with %s", len(items), actors, per_actor)
     # One block per item, so the pool spreads single images over its actors instead of handing one actor a block.
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         ImageEvaluator,
-        fn_constructor_args=(checkpoint,),
+        fn_constructor_args=(specs,),
         fn_constructor_kwargs=kwargs,
         batch_size=1,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        **resources,
+        **per_actor,
     )
-    rows = ds.take_all()
-    return [_result_from_row(r) for r in rows]
+    return [_result_from_row(r) for r in ds.take_all()]
 
 
 def _result_from_row(row: Mapping[str, Any]) -> ImageResult:
@@ -1008,7 +1039,7 @@ def evaluate(options: EvaluationOptions) -> EvaluationReport:
         tracking_uri = tracking.resolve_tracking_uri(tracking_uri)
         tracking.check_tracking_uri(tracking_uri)
     specs = [ModelSpec.parse(m) for m in options.models]
-    sets = select_sets(options.datasets, options.sets, cfg, limit=options.limit)
+    sets = select_sets(options.datasets, options.sets, cfg, limit=options.limit, exclude=options.output)
     models = resolve_models(specs, options.self_ensemble, cfg)
     learned = sorted({s for m in models if m.checkpoint is not None for s in m.scales})
     scales = sorted(set(options.scales)) if options.scales else (learned or list(SCALES))
@@ -1018,22 +1049,22 @@ def evaluate(options: EvaluationOptions) -> EvaluationReport:
                 f"model {m.spec.label} ({m.spec.source}) upscales by {list(m.scales)}, none of the requested scales "
                 f"{scales}"
             )
-    items, problems = plan_items(sets, scales, options.protocol)
+    # Only the scales some column has are read; the table still shows every requested scale (n/a where none has it).
+    needed = [s for s in scales if any(s in m.scales for m in models)]
+    items, problems = plan_items(sets, needed, options.protocol)
     if problems:
         raise EvaluationError(f"{len(problems)} problem(s) in the evaluation data: {_listing(problems)}")
 
     if options.use_ray:
         _ensure_ray()
-    pictures = options.grid > 0
-    results: list[ImageResult] = []
-    for m in models:
-        mine = [it for it in items if it["scale"] in m.scales]
-        labels = ", ".join(v.label for v in m.variants)
-        logger.info("evaluating %s on %d image(s) x scale(s) of %s", labels, len(mine), ", ".join(s.name for s in sets))
-        results.extend(_run_items(mine, m, options, pictures=pictures and m.checkpoint is not None))
+    columns = ", ".join(v.label for m in models for v in m.variants)
+    logger.info("evaluating %s on %s at x%s", columns, ", ".join(s.name for s in sets), "/x".join(map(str, scales)))
+    results = _run_items(items, models, options)
 
+    # Table columns: plain models, then the "+" ones, as in the paper; models sharing a label share a column.
     variants = [v.label for m in models for v in m.variants if not v.self_ensemble]
-    variants += [v.label for m in models for v in m.variants if v.self_ensemble]  # "+" columns last, as in the paper
+    variants += [v.label for m in models for v in m.variants if v.self_ensemble]
+    variants = list(dict.fromkeys(variants))
     order = {(it["set"], it["image"], it["scale"]): i for i, it in enumerate(items)}
     results.sort(key=lambda r: (variants.index(r.model), order.get((r.set, r.image, r.scale), 0)))
     protocols = {it["set"]: it["protocol"] for it in items}
@@ -1048,11 +1079,10 @@ def evaluate(options: EvaluationOptions) -> EvaluationReport:
     )
     write_outputs(report, options, models)
     grids = {}
-    if pictures:
-        baseline = {(r.set, r.scale, r.image): r.psnr for r in report.results if r.model == BICUBIC}
+    if options.grid > 0:
+        bicubic = {m.spec.label for m in models if m.checkpoint is None}
+        baseline = {(r.set, r.scale, r.image): r.psnr for r in report.results if r.model in bicubic}
         for label in variants:
-            if label == BICUBIC and len(variants) > 1:
-                continue
             png = picture_grid([r for r in report.results if r.model == label], options.grid, baseline)
             if png is not None:
                 grids[label] = png

@@ -5,10 +5,11 @@ Sources (local folders or zip files, any mix) are recognised by their paths:
 * DIV2K layout, as unpacked or inside the official zips: ``DIV2K_{train,valid}_HR/0001.png`` and
   ``DIV2K_{train,valid}_LR_bicubic/X{2,3,4}/0001x2.png``.
 * Benchmark layout (Set5, Set14, B100, Urban100, any name): ``[NAME/]HR/baby.png`` and
-  ``[NAME/]LR_bicubic/X2/babyx2.png``; the set is named by the folder above ``HR``, else by ``--dataset``, else by the
-  source folder or zip.
+  ``[NAME/]LR_bicubic/X2/babyx2.png``; the set is named by the folder above ``HR``, else by the source folder or zip.
+  Its split is "test" (or ``split``) and its index the 1-based position of the id in sorted order.
 * Any other image file is an HR image whose file stem becomes its id (DIV2K by default). DIV2K splits follow the
-  numbers when stems are numbers (1-800 train, 801-900 valid, 901+ test), else ``split``.
+  numbers when stems are numbers (1-800 train, 801-900 valid, 901+ test), else ``split`` must say which.
+* ``dataset`` (``--dataset``), when given, names every image of the run whatever its layout.
 
 Written under the root (``s3://bucket/prefix`` or a folder)::
 
@@ -16,8 +17,10 @@ Written under the root (``s3://bucket/prefix`` or a folder)::
     benchmark/Set5/HR/baby.png     benchmark/Set5/LR_bicubic/X2/babyx2.png
     manifest.parquet               one row per HR image (edsr_ray.data.MANIFEST_COLUMNS)
 
-Every image is stored as an 8-bit RGB PNG (sources that already are one are copied byte for byte; others are
-decoded - EXIF orientation applied, grey expanded, alpha dropped, 16 bit rounded - and re-encoded losslessly).
+Every image is stored as an 8-bit RGB PNG written by fpng: lossless, so its pixels are exactly the source's (EXIF
+orientation applied, grey expanded, alpha dropped, 16 bit rounded), and libspng decodes it about twice as fast as a
+zlib-compressed PNG such as DIV2K's originals - decoding is most of the cost of the patch stream
+(``benchmarks/bench_patches.py``). The manifest keeps the checksum of each source file next to that of the object.
 
 Rules, so a run can be trusted:
 
@@ -340,17 +343,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _is_plain_png(data: bytes, image: Any) -> bool:
-    """True if ``data`` already is what the dataset stores: an 8-bit RGB PNG without alpha or EXIF rotation."""
-    return (
-        image.format == "PNG"
-        and image.mode == "RGB"
-        and image.bit_depth == 8
-        and image.alpha is None
-        and b"eXIf" not in data  # an orientation tag would make a plain decoder read it differently
-    )
-
-
 def _to_rgb8(image: Any) -> np.ndarray:
     rgb = image.rgb
     if rgb.dtype == np.uint16:
@@ -392,6 +384,10 @@ def ingest_item(task: _Task) -> ItemResult:
     result = ItemResult(item.hr.name)
     writer = _Writer(task, result)
     hr_key, lr_keys = object_keys(item.dataset, item.split, item.id, task.scales)
+
+    def old(scale: int, name: str) -> Any:
+        return prev.get(data_lib.lr_column(scale, name))
+
     try:
         hr_source = item.hr.read()
     except ImageError as exc:
@@ -399,32 +395,29 @@ def ingest_item(task: _Task) -> ItemResult:
         return result
     hr_source_sha = _sha256(hr_source)
     same_hr = prev.get("hr_key") == hr_key and prev.get("hr_source_sha256") == hr_source_sha
-    hr_kept = same_hr and writer.present(hr_key, prev.get("hr_sha256"))
-
     lr_sources: dict[int, bytes] = {}
-    for scale, file in item.lr.items():
-        if scale not in task.scales:
-            continue
+    for scale in (s for s in task.scales if s in item.lr):
         try:
-            lr_sources[scale] = file.read()
+            lr_sources[scale] = item.lr[scale].read()
         except ImageError as exc:
-            result.failed.append((file.name, str(exc)))
+            result.failed.append((item.lr[scale].name, str(exc)))
 
     def reusable(scale: int) -> bool:
-        """The manifest's LR at this scale is still right for these sources and is stored."""
-        key, col = lr_keys[scale], (lambda f: prev.get(data_lib.lr_column(scale, f)))
-        if not same_hr or col("key") != key:
+        """The manifest's LR at this scale was made from these same sources and is stored."""
+        if not same_hr or old(scale, "key") != lr_keys[scale]:
             return False
         if scale in item.lr:
-            if scale not in lr_sources or col("generated") is not False:
-                return False
-            if col("sha256") != _sha256(lr_sources[scale]):  # plain-PNG sources are stored as they are
-                return False
-        elif col("generated") is not True:
-            return False
-        return writer.present(key, col("sha256"))
+            made_from_source = (
+                scale in lr_sources
+                and old(scale, "generated") is False
+                and old(scale, "source_sha256") == _sha256(lr_sources[scale])
+            )
+        else:
+            made_from_source = old(scale, "generated") is True
+        return made_from_source and writer.present(lr_keys[scale], old(scale, "sha256"))
 
     pending = [s for s in task.scales if not reusable(s)]
+    hr_kept = same_hr and writer.present(hr_key, prev.get("hr_sha256"))
     row: dict[str, Any] = {
         "dataset": item.dataset,
         "split": item.split,
@@ -443,21 +436,19 @@ def ingest_item(task: _Task) -> ItemResult:
         except ImageError as exc:
             result.failed.append((item.hr.name, f"corrupt image: {exc}"))
             return result
-        hr_rgb = _to_rgb8(decoded)
-        stored = hr_source if _is_plain_png(hr_source, decoded) else encode_image(hr_rgb)
+        hr_rgb = _to_rgb8(decoded)  # (H, W, 3) uint8
         if hr_kept:
             result.skipped += 1
             sha = prev["hr_sha256"]
         else:
-            sha = writer.put(hr_key, stored, prev.get("hr_sha256") if prev.get("hr_key") == hr_key else None)
+            previous_sha = prev.get("hr_sha256") if prev.get("hr_key") == hr_key else None
+            sha = writer.put(hr_key, encode_image(hr_rgb), previous_sha)
         row.update(hr_width=decoded.width, hr_height=decoded.height, hr_sha256=sha)
 
     width, height = int(row["hr_width"]), int(row["hr_height"])
     for scale in task.scales:
-        key = lr_keys[scale]
         if scale not in pending:
-            for f in ("key", "width", "height", "sha256", "generated"):
-                row[data_lib.lr_column(scale, f)] = prev.get(data_lib.lr_column(scale, f))
+            row.update({data_lib.lr_column(scale, f): old(scale, f) for f in data_lib.LR_FIELDS})
             result.skipped += 1
             continue
         lw, lh = width // scale, height // scale
@@ -478,37 +469,24 @@ def ingest_item(task: _Task) -> ItemResult:
                     (name, f"LR is {lr.width}x{lr.height}, expected {lw}x{lh} (HR {width}x{height} / {scale})")
                 )
                 continue
-            data = lr_sources[scale] if _is_plain_png(lr_sources[scale], lr) else encode_image(_to_rgb8(lr))
-            generated = False
+            pixels, source_sha = _to_rgb8(lr), _sha256(lr_sources[scale])
         else:
             assert hr_rgb is not None  # pending LR work always decodes the HR image
-            # MATLAB-style bicubic of the HR image cropped to a multiple of the scale: (lh, lw, 3).
-            # output_shape rather than 1/scale: MATLAB's ceil(size * 1/scale) can round up by one pixel.
-            lr_pixels = imresize(hr_rgb[: lh * scale, : lw * scale], output_shape=(lh, lw))
-            data = encode_image(lr_pixels)
-            generated = True
+            # MATLAB-style bicubic of the HR image cropped to a multiple of the scale: (lh, lw, 3). output_shape
+            # rather than 1/scale: MATLAB's ceil(size * (1/scale)) can round up by one pixel.
+            pixels, source_sha = imresize(hr_rgb[: lh * scale, : lw * scale], output_shape=(lh, lw)), None
             result.generated += 1
             if scale in item.lr_folders:
                 result.missing_lr.append(f"{item.hr.name} x{scale}")
-        previous_sha = (
-            prev.get(data_lib.lr_column(scale, "sha256")) if prev.get(data_lib.lr_column(scale, "key")) == key else None
-        )
-        sha = writer.put(key, data, previous_sha)
-        row.update(
-            {
-                data_lib.lr_column(scale, "key"): key,
-                data_lib.lr_column(scale, "width"): lw,
-                data_lib.lr_column(scale, "height"): lh,
-                data_lib.lr_column(scale, "sha256"): sha,
-                data_lib.lr_column(scale, "generated"): generated,
-            }
-        )
+        key = lr_keys[scale]
+        sha = writer.put(key, encode_image(pixels), old(scale, "sha256") if old(scale, "key") == key else None)
+        values = {"key": key, "width": lw, "height": lh, "sha256": sha, "generated": source_sha is None}
+        row.update({data_lib.lr_column(scale, f): v for f, v in values.items()})
+        row[data_lib.lr_column(scale, "source_sha256")] = source_sha
     # Scales not asked for this time keep what the manifest had, as long as the HR image is the same.
     if same_hr:
-        for scale in SCALES:
-            if scale not in task.scales and prev.get(data_lib.lr_column(scale, "key")) is not None:
-                for f in ("key", "width", "height", "sha256", "generated"):
-                    row[data_lib.lr_column(scale, f)] = prev.get(data_lib.lr_column(scale, f))
+        for scale in (s for s in SCALES if s not in task.scales and old(s, "key") is not None):
+            row.update({data_lib.lr_column(scale, f): old(scale, f) for f in data_lib.LR_FIELDS})
     result.row = row
     return result
 

@@ -103,18 +103,22 @@ def ensure_experiment(name: str, uri: str) -> str:
         return exp.experiment_id
 
 
-def find_or_create_run(cfg: TrackingConfig, run_key: str, run_name: str, uri: str) -> str:
-    """The MLflow run id for a training run, reusing the unfinished run with the same key (so a resume continues it)."""
+def find_or_create_run(cfg: TrackingConfig, run_key: str, run_name: str, uri: str, *, resume: bool) -> str:
+    """The MLflow run id for a training run.
+
+    ``resume``: the training run already has checkpoints and continues, so its latest MLflow run (same key) goes on,
+    whatever its status; otherwise a new MLflow run is created.
+    """
     mlflow = mlflow_module()
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp_id = ensure_experiment(cfg.experiment, uri)
-    runs = client.search_runs(
-        [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", order_by=["attributes.start_time DESC"]
-    )
-    for run in runs:
-        if run.info.status in ("RUNNING", "FAILED", "KILLED", "SCHEDULED"):
-            client.update_run(run.info.run_id, status="RUNNING")
-            return run.info.run_id
+    if resume:
+        runs = client.search_runs(
+            [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", order_by=["attributes.start_time DESC"]
+        )
+        if runs:
+            client.update_run(runs[0].info.run_id, status="RUNNING")
+            return runs[0].info.run_id
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key})
     return run.info.run_id
 

@@ -210,6 +210,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
         tracker = tracking.RunLogger(loop_config["mlflow_run_id"], loop_config["tracking_uri"])
+    if tracker is not None and resumed is not None:
+        tracker.log_metrics({"resumed_from_step": step}, step)
     val_images = data_lib.validation_images(cfg.data, cfg.model.scales, storage=cfg.storage) if rank == 0 else []
 
     shard = ray.train.get_dataset_shard("train")
@@ -348,6 +350,18 @@ def _storage_for_run(cfg: ExperimentConfig) -> tuple[str, Any]:
     return str(local), None
 
 
+def _has_checkpoints(cfg: ExperimentConfig) -> bool:
+    """Whether the run already wrote a checkpoint (Ray Train will then resume it)."""
+    from edsr_ray import storage
+
+    base = cfg.run.storage_path
+    run_dir = storage.join(base, cfg.run.name) if storage.is_s3(base) else str(Path(base).expanduser() / cfg.run.name)
+    try:
+        return any(uri.endswith("/" + TRAIN_STATE) for uri in storage.list_files(run_dir, cfg.storage))
+    except storage.NotFoundError:
+        return False
+
+
 def preflight(cfg: ExperimentConfig) -> str:
     """Checks that fail within seconds and before any cluster work: data, tracking, initial weights."""
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
@@ -369,7 +383,10 @@ def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutco
     uri = preflight(cfg)
     storage_path, storage_fs = _storage_for_run(cfg)
     run_key = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
-    run_id = tracking.find_or_create_run(cfg.tracking, run_key, cfg.run.name, uri)
+    resume = _has_checkpoints(cfg)
+    run_id = tracking.find_or_create_run(cfg.tracking, run_key, cfg.run.name, uri, resume=resume)
+    if resume:
+        log.info("run %s has checkpoints in %s: resuming from the latest", cfg.run.name, cfg.run.storage_path)
     logger = tracking.RunLogger(run_id, uri)
     logger.log_params({**flatten(cfg), "config_source": source})
     logger.log_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), "config.json")

@@ -5,7 +5,8 @@
         [--self-ensemble [only]] --output s3://edsr/eval/table3 [--tracking-uri URI]
 
 --model    [LABEL=]SOURCE, repeatable: a weights file (official .pt or project checkpoint), a Ray checkpoint folder,
-           an s3:// URI, models:/name/version, or `bicubic` (the MATLAB-bicubic baseline). The label is the column.
+           an s3:// URI, models:/name/version, or `bicubic` (the MATLAB-bicubic baseline). The label is the column;
+           models of different scales may share one (EDSR=edsr_x2.pt EDSR=edsr_x3.pt EDSR=edsr_x4.pt).
 --dataset  repeatable: an ingested root (manifest.parquet), the same layout without a manifest, one set folder
            (HR/ + LR_bicubic/X<s>/), or any folder of HR images (LR made with MATLAB-bicubic imresize). --sets picks
            sets by name (default: every set found, training splits left out).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from edsr_ray.errors import EdsrRayError
@@ -51,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="first N images of each set (quick checks)")
     parser.add_argument("--save-images", action="store_true", help="write SR images under OUTPUT/images/")
     parser.add_argument("--grid", type=int, default=0, metavar="K", help="picture grid of the K worst and best images")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI for the run and models:/ sources (default: env)"
+    )
     parser.add_argument("--experiment", default="edsr-ray-eval", help="MLflow experiment")
     parser.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, else per CPU)")
     parser.add_argument("--local", action="store_true", help="evaluate in this process, without Ray")
@@ -60,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tracking_uri:
+        # The same server resolves models:/ and runs:/ sources (edsr_ray.models reads MLFLOW_TRACKING_URI).
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edsr_ray.evaluation import EvaluationOptions, evaluate
 

@@ -1,8 +1,9 @@
 """The evaluation job: set discovery, the paper's table, per-image CSV/JSON, MLflow, errors by name, and the CLI.
 
 Small sets of real photo crops (a benchmark-layout set and a DIV2K-layout set) live in a local folder without a
-manifest, in the embedded S3 server as ingested by ``edsr_ray.ingest`` (with its manifest), and as an HR-only folder. Expected numbers are computed
-here, image by image, with ``imresize`` / ``upscale`` and ``edsr_ray.metrics`` — never taken from the job itself.
+manifest, in the embedded S3 server as ingested by ``edsr_ray.ingest`` (with its manifest), and as an HR-only folder.
+Expected numbers are computed here, image by image, with ``imresize`` / ``upscale`` and ``edsr_ray.metrics``, never
+taken from the job itself.
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ def _by_key(results) -> dict:
 # Sets and models
 
 
+@pytest.mark.slow
 def test_manifest_and_folder_layouts_give_the_same_sets(s3_root, local_root, hr_only):
     from_manifest = {s.name: s for s in discover_sets(s3_root)}
     from_folders = {s.name: s for s in discover_sets(local_root)}
@@ -394,6 +396,25 @@ def test_in_process_run_matches_ray_run(report, local_root, model_files, tmp_pat
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.csv", "results.json", "results.md"]
 
 
+def test_outputs_inside_the_image_folder_are_never_taken_for_inputs(hr_only, model_files, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(hr_only, folder)
+    options = EvaluationOptions(
+        ("bicubic", model_files["edsr"]),
+        (str(folder),),
+        str(folder / "eval"),
+        scales=(2,),
+        self_ensemble="only",
+        save_images=True,
+        use_ray=False,
+    )
+    first = evaluate(options)
+    second = evaluate(options)  # the first run's SR PNGs now sit below the image folder
+    assert first.variants == second.variants == ["bicubic", "tiny_edsr_x2+"]
+    assert len(second.results) == len(first.results) == 2 * len(HR_ONLY)
+    assert [(r.image, r.psnr) for r in second.results] == [(r.image, r.psnr) for r in first.results]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Errors, by name
 
@@ -431,6 +452,7 @@ def test_size_mismatch_without_manifest_fails_that_image_by_name(local_root, tmp
     assert [(f["set"], f["image"]) for f in failures] == [("DIV2K_valid", "0802")]
 
 
+@pytest.mark.slow
 def test_manifest_mismatch_and_missing_partner_are_reported_before_running(s3_root, tmp_path):
     rows = _manifest_rows(s3_root)
     for row in rows:
@@ -464,6 +486,17 @@ def test_unknown_set_and_bad_model_are_one_line_errors(local_root, tmp_path, cap
     assert err.startswith("error: ") and str(junk) in err and "Traceback" not in err
     with pytest.raises(EdsrRayError, match="upscales by \\[2\\], none of the requested scales \\[3\\]"):
         evaluate(EvaluationOptions((str(_tiny_x2(tmp_path)),), (local_root,), out, scales=(3,), use_ray=False))
+
+
+def test_models_of_different_scales_share_a_labelled_column(local_root, tmp_path):
+    torch.manual_seed(1)
+    x2, x3 = save_model(EDSR(1, 4, 2), tmp_path / "a.pt"), save_model(EDSR(1, 4, 3), tmp_path / "b.pt")
+    models = (f"EDSR={x2}", f"EDSR={x3}")
+    rep = evaluate(EvaluationOptions(models, (local_root,), str(tmp_path / "out"), sets=("SetA",), use_ray=False))
+    assert rep.variants == ["EDSR"] and rep.table.splitlines()[0] == "| Dataset | Scale | EDSR |"
+    assert sorted({(r.model, r.scale) for r in rep.summary}) == [("EDSR", 2), ("EDSR", 3)]
+    with pytest.raises(EvaluationError, match="share a label and a scale"):
+        evaluate(EvaluationOptions((f"E={x2}", f"E={x2}"), (local_root,), str(tmp_path / "o"), use_ray=False))
 
 
 def _tiny_x2(tmp_path: Path) -> str:

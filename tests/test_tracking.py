@@ -45,9 +45,9 @@ def test_unreachable_server_fails_fast_with_its_address():
 
 def test_run_is_reused_until_finished_and_logs_land_in_artifact_root(store, tmp_path):
     cfg = TrackingConfig(experiment="t")
-    run_id = tracking.find_or_create_run(cfg, "runs/a", "a", store)
-    assert tracking.find_or_create_run(cfg, "runs/a", "a", store) == run_id  # a resume continues the same run
-    assert tracking.find_or_create_run(cfg, "runs/b", "b", store) != run_id
+    run_id = tracking.find_or_create_run(cfg, "runs/a", "a", store, resume=True)  # nothing to resume: a new run
+    assert tracking.find_or_create_run(cfg, "runs/a", "a", store, resume=True) == run_id  # a resume continues it
+    assert tracking.find_or_create_run(cfg, "runs/b", "b", store, resume=True) != run_id
     logger = tracking.RunLogger(run_id, store)
     logger.log_params({"train.lr": 1e-4, "model.n_feats": 8})
     logger.log_params({"train.lr": 1e-4})  # logging again on resume is not an error
@@ -63,13 +63,15 @@ def test_run_is_reused_until_finished_and_logs_land_in_artifact_root(store, tmp_
     assert run.data.metrics == {"loss": 0.5}
     assert run.info.artifact_uri.startswith((tmp_path / "home" / "mlflow" / "artifacts").as_uri())
     assert [f.path for f in client.list_artifacts(run_id, "validation")] == ["validation/step_3.png"]
-    # Finished: a new training run with the same key starts a new MLflow run.
-    assert tracking.find_or_create_run(cfg, "runs/a", "a", store) != run_id
+    # Resuming a finished run continues it; a fresh training run under the same key starts a new MLflow run.
+    assert tracking.find_or_create_run(cfg, "runs/a", "a", store, resume=True) == run_id
+    assert mlflow.MlflowClient(tracking_uri=store).get_run(run_id).info.status == "RUNNING"
+    assert tracking.find_or_create_run(cfg, "runs/a", "a", store, resume=False) != run_id
 
 
 def test_register_and_download_model(store, tmp_path):
     cfg = TrackingConfig(experiment="t")
-    run_id = tracking.find_or_create_run(cfg, "runs/m", "m", store)
+    run_id = tracking.find_or_create_run(cfg, "runs/m", "m", store, resume=False)
     logger = tracking.RunLogger(run_id, store)
     model_file = tmp_path / "model.pt"
     model_file.write_bytes(b"weights")

@@ -28,6 +28,15 @@ JOB = ROOT / "jobs" / "upscale.py"
 GOOD = ["chelsea.png", "nested/deeper/coffee.png", "nested/rocket.jpg", "nested/camera.png", "nested/rgba.png"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and a shared, busy CI core makes thread handoffs slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
@@ -62,7 +71,7 @@ def photo_tree(tmp_path_factory, photos) -> Path:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # as in this process (one_thread)
     return subprocess.run([sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, env=env)
 
 

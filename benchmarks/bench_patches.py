@@ -1,0 +1,337 @@
+"""Training patches per second per CPU core: the Ray Data patch stream next to a naive one-decode-per-patch loop.
+
+    python benchmarks/bench_patches.py [--images 100] [--epoch-patches 8000] [--no-write]
+
+Starts the embedded S3 server (SeaweedFS), generates a DIV2K-sized set (default 100 images of 2040x1356 with
+photographic content: tiles of the bundled photos, upscaled, with 1/f texture and sensor-like noise, saved as
+zlib PNGs like DIV2K's), ingests it with LR x2 (the real ingest job), and measures in one run:
+
+* naive: per patch, download the HR and LR objects, decode both, cut one 48x48 / 96x96 pair (one process, one core);
+* stream: ``patch_dataset`` iterated by Ray Data on all cores (one decode per ``patches_per_image`` patches), raw
+  blocks and through ``iter_training_batches`` (batches of 16 as float tensors, what a Ray Train worker sees);
+* where the time of one image goes (fetch, decode, cut), to show what caching decoded images could still win.
+
+Per-core figures divide by the cores the measurement used (the whole machine for the stream: the driver iterating
+competes with the read tasks). Targets: stream >= 20x naive per core, and 16 cores > 6800 patches/s (an H200
+training baseline x2 at batch 64 in bf16). A section is appended to ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+HEADER = "# Benchmark results\n\nAppended by the scripts in this folder; each section names the machine it ran on.\n"
+GPU_PATCHES_PER_S = 6800  # H200, EDSR baseline x2, bf16, batch 64 (issue #3)
+TARGET_RATIO = 20
+
+log = logging.getLogger("bench_patches")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, IndexError, ValueError):
+        pass
+    import ray
+
+    system = f"{platform.system()} {platform.machine()}; Python {platform.python_version()}; ray {ray.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores{mem}; {system}"
+
+
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A DIV2K-like image set
+
+
+def _pink_noise(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit-variance noise with a 1/f amplitude spectrum, the falloff of natural images."""
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    f = np.sqrt(fx**2 + fy**2)
+    f[0, 0] = 1.0
+    spectrum = (rng.standard_normal((h, fx.shape[1])) + 1j * rng.standard_normal((h, fx.shape[1]))) / f
+    spectrum[0, 0] = 0.0
+    noise = np.fft.irfft2(spectrum, s=(h, w))
+    return noise / noise.std()
+
+
+def make_image(index: int, width: int, height: int) -> np.ndarray:
+    """A photographic (H, W, 3) uint8 image: a 2x3 mosaic of random crops of the bundled photos, each enlarged
+    1-1.6x, plus 1/f texture and per-pixel noise so it has the fine detail and PNG entropy of a 2K photo."""
+    from PIL import Image
+
+    from edsr_ray.samples import photos
+
+    sources = list(photos().values())
+    rng = np.random.default_rng(index)
+    canvas = np.empty((height, width, 3), np.float32)
+    ys = np.linspace(0, height, 3).astype(int)
+    xs = np.linspace(0, width, 4).astype(int)
+    for a in range(2):
+        for b in range(3):
+            th, tw = ys[a + 1] - ys[a], xs[b + 1] - xs[b]
+            src = sources[rng.integers(len(sources))]
+            zoom = rng.uniform(1.0, 1.6)
+            ch, cw = min(src.shape[0], int(th / zoom)), min(src.shape[1], int(tw / zoom))
+            y0, x0 = rng.integers(0, src.shape[0] - ch + 1), rng.integers(0, src.shape[1] - cw + 1)
+            tile = np.asarray(Image.fromarray(src[y0 : y0 + ch, x0 : x0 + cw]).resize((tw, th), Image.BICUBIC))
+            canvas[ys[a] : ys[a + 1], xs[b] : xs[b + 1]] = tile[:, ::-1] if rng.random() < 0.5 else tile
+    canvas += _pink_noise(height, width, rng)[..., None] * 4.0 + rng.standard_normal((height, width, 3)) * 1.5
+    return np.clip(canvas, 0, 255).round().astype(np.uint8)
+
+
+def _write_image(args: tuple[int, int, int, str]) -> int:
+    from PIL import Image
+
+    index, width, height, path = args
+    tmp = path + ".tmp"
+    Image.fromarray(make_image(index, width, height)).save(tmp, "PNG")  # zlib level 6, as DIV2K's PNGs
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def generate(folder: Path, count: int, width: int, height: int) -> list[int]:
+    """Write ``DIV2K_train_HR/0001.png ...`` (kept between runs: only missing images are made)."""
+    hr = folder / "DIV2K_train_HR"
+    hr.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, width, height, str(hr / f"{i:04d}.png")) for i in range(1, count + 1)]
+    todo = [j for j in jobs if not os.path.exists(j[3])]
+    if todo:
+        log.info("generating %d images of %dx%d in %s", len(todo), width, height, hr)
+        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+            list(pool.map(_write_image, todo))
+    return [os.path.getsize(j[3]) for j in jobs]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def naive_loop(images: list[tuple[str, str]], count: int, patch: int, scale: int) -> float:
+    """Patches/s of: pick an image, download HR + LR, decode both, cut one aligned pair (same decoder as the stream)."""
+    from edsr_ray import data, storage
+
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(count):
+        hr_uri, lr_uri = images[rng.integers(len(images))]
+        hr = data.decode_rgb8(storage.read_bytes(hr_uri), hr_uri)
+        lr = data.decode_rgb8(storage.read_bytes(lr_uri), lr_uri)
+        data.cut_patches(lr, hr, scale, 1, patch, rng)
+    return count / (time.perf_counter() - start)
+
+
+def breakdown(
+    images: list[tuple[str, str]], sources: list[Path], n: int, patch: int, scale: int, per_image: int
+) -> dict[str, float]:
+    """Median milliseconds per image for fetching (HR + LR), decoding (HR + LR) and cutting ``per_image`` patches,
+    and for decoding the HR source file (a zlib PNG, as DIV2K's originals) instead of the stored fpng PNG."""
+    from edsr_ray import data, storage
+
+    rng = np.random.default_rng(1)
+    times: dict[str, list[float]] = {"fetch": [], "decode": [], "cut": [], "hr_source": [], "hr_stored": []}
+    for (hr_uri, lr_uri), source in zip(images[:n], sources):
+        original = source.read_bytes()
+        t0 = time.perf_counter()
+        data.decode_rgb8(original, str(source))
+        times["hr_source"].append(1000 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        hr_bytes, lr_bytes = storage.read_bytes(hr_uri), storage.read_bytes(lr_uri)
+        t1 = time.perf_counter()
+        hr, lr = data.decode_rgb8(hr_bytes, hr_uri), data.decode_rgb8(lr_bytes, lr_uri)
+        t2 = time.perf_counter()
+        data.cut_patches(lr, hr, scale, per_image, patch, rng)
+        t3 = time.perf_counter()
+        data.decode_rgb8(hr_bytes, hr_uri)
+        t4 = time.perf_counter()
+        for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, None, t4 - t3)):
+            if value is not None:
+                times[key].append(1000 * value)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def read_task_rate(cfg, scale: int, units: int) -> float:
+    """Patches/s of the read tasks' own work (fetch, decode, cut, build the block) run in this process, no Ray."""
+    from edsr_ray import data
+
+    source = data.PatchDatasource(
+        data._image_table(cfg, (scale,), "train", data.DIV2K, None),
+        epoch_patches=cfg.epoch_patches,
+        patches_per_image=cfg.patches_per_image,
+        patch_size=cfg.patch_size,
+        augment=cfg.augment,
+        seed=0,
+        storage=None,
+    )
+    plan = source.plan(entropy=0)[:units]
+    start = time.perf_counter()
+    for unit in plan:
+        data._read_unit(unit, cfg.patch_size, cfg.augment, None)
+    return sum(u.count for u in plan) / (time.perf_counter() - start)
+
+
+def stream_rate(cfg, scale: int, epochs: int) -> list[float]:
+    """Patches/s of whole epochs of raw blocks (after one warm-up epoch)."""
+    from edsr_ray import data
+
+    ds = data.patch_dataset(cfg, (scale,), seed=0)
+    rates = []
+    for epoch in range(epochs + 1):
+        start = time.perf_counter()
+        n = sum(len(b["scale"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4))
+        if epoch:  # epoch 0 warms up workers and connections
+            rates.append(n / (time.perf_counter() - start))
+    return rates
+
+
+def trainer_view_rate(cfg, scale: int, batch: int) -> float:
+    """Patches/s through iter_training_batches (shuffle pool + float NCHW tensors), one epoch after a warm-up."""
+    from edsr_ray import data
+
+    ds = data.patch_dataset(cfg, (scale,), seed=1)
+    for _ in data.iter_training_batches(ds, batch, (scale,)):
+        pass
+    start = time.perf_counter()
+    n = sum(lr.shape[0] for lr, _, _ in data.iter_training_batches(ds, batch, (scale,)))
+    return n / (time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--width", type=int, default=2040)
+    parser.add_argument("--height", type=int, default=1356)
+    parser.add_argument("--epoch-patches", type=int, default=8000)
+    parser.add_argument("--epochs", type=int, default=2, help="measured epochs of the stream (after a warm-up)")
+    parser.add_argument("--patch-size", type=int, default=48)
+    parser.add_argument("--patches-per-image", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--naive-patches", type=int, default=60)
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "edsr-bench-patches"))
+    parser.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    import ray
+
+    from edsr_ray import data, storage
+    from edsr_ray.config import DataConfig
+    from edsr_ray.ingest import ingest
+    from edsr_ray.objectstore import EmbeddedS3
+
+    work = Path(args.work_dir)
+    scale = 2
+    sizes = generate(work / "DIV2K", args.images, args.width, args.height)
+    cores = os.cpu_count() or 1
+    load_before = load_average()
+    with EmbeddedS3(work / "s3", buckets=("edsr",)) as server:
+        os.environ.update(server.env())  # before Ray starts, so its workers reach the server too
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        try:
+            root = "s3://edsr/bench/div2k"
+            report = ingest([str(work / "DIV2K")], root, scales=(scale,), progress=False)
+            log.info("ingest: %s", report.summary().replace("\n", " |"))
+            cfg = DataConfig(
+                root=root,
+                train_range=(1, args.images),
+                patch_size=args.patch_size,
+                patches_per_image=args.patches_per_image,
+                epoch_patches=args.epoch_patches,
+            )
+            rows = data.select(data.read_manifest(root), "DIV2K", (1, args.images), scale)
+            images = [
+                (storage.join(root, r["hr_key"]), storage.join(root, r[f"lr_x{scale}_key"])) for _, r in rows.iterrows()
+            ]
+
+            log.info("naive loop: %d patches", args.naive_patches)
+            naive = naive_loop(images, args.naive_patches, args.patch_size, scale)
+            sources = [work / "DIV2K" / "DIV2K_train_HR" / f"{r['id']}.png" for _, r in rows.iterrows()]
+            parts = breakdown(images, sources, min(10, len(images)), args.patch_size, scale, args.patches_per_image)
+            alone = read_task_rate(cfg, scale, min(20, cfg.epoch_patches // cfg.patches_per_image))
+            log.info("stream: %d epochs of %d patches on %d cores", args.epochs, args.epoch_patches, cores)
+            rates = stream_rate(cfg, scale, args.epochs)
+            trainer = trainer_view_rate(cfg, scale, args.batch_size)
+        finally:
+            ray.shutdown()
+
+    stream = statistics.median(rates)
+    per_core = stream / cores
+    trainer_per_core = trainer / cores
+    ratio = per_core / naive
+    unit_ms = parts["fetch"] + parts["decode"] + parts["cut"]
+    decode_share = parts["decode"] / unit_ms
+    lines = [
+        f"## bench_patches.py — {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"Machine: {machine()}; S3: embedded SeaweedFS on 127.0.0.1; load average (1/5/15 min) {load_before} "
+        f"before, {load_average()} after  ",
+        f"Data: {args.images} generated photographic images {args.width}x{args.height} (source PNG "
+        f"{np.mean(sizes) / 1e6:.1f} MB on average) + LR x{scale}; LR patch {args.patch_size} "
+        f"(HR {args.patch_size * scale}), patches_per_image {args.patches_per_image}, "
+        f"epoch {args.epoch_patches} patches.",
+        "",
+        "| method | cores | patches/s | per core | vs naive per core |",
+        "|---|---:|---:|---:|---:|",
+        f"| naive: download + decode HR/LR + cut one pair | 1 | {naive:.1f} | {naive:.1f} | 1.0x |",
+        f"| read-task work alone, no Ray (fetch + decode + cut {args.patches_per_image}) | 1 | {alone:.0f} | "
+        f"{alone:.0f} | {alone / naive:.0f}x |",
+        f"| stream: patch_dataset blocks (median of {len(rates)} epochs) | {cores} | {stream:.0f} | {per_core:.0f} | "
+        f"{ratio:.0f}x |",
+        f"| stream through iter_training_batches (batch {args.batch_size}, float NCHW) | {cores} | {trainer:.0f} | "
+        f"{trainer_per_core:.0f} | {trainer_per_core / naive:.0f}x |",
+        "",
+        f"One image (median of 10): fetch HR+LR {parts['fetch']:.1f} ms, decode {parts['decode']:.1f} ms, cut "
+        f"{args.patches_per_image} pairs {parts['cut']:.1f} ms: decoding is {decode_share:.0%} of the work, so "
+        f"caching decoded images could at best gain {unit_ms / (unit_ms - parts['decode']):.1f}x at "
+        f"{(3 * args.width * args.height * 1.25) / 1e6:.0f} MB of memory per image (HR + LR x{scale}). "
+        f"Decoding the HR image as stored (fpng PNG) takes {parts['hr_stored']:.1f} ms, the zlib PNG it came from "
+        f"{parts['hr_source']:.1f} ms.  ",
+        f"Targets: >= {TARGET_RATIO}x naive per core: {'met' if ratio >= TARGET_RATIO else 'NOT met'} ({ratio:.0f}x); "
+        f"16 cores at {per_core:.0f}/core = {16 * per_core:.0f} patches/s vs {GPU_PATCHES_PER_S} needed by an H200: "
+        f"{'met' if 16 * per_core > GPU_PATCHES_PER_S else 'NOT met'} (through iter_training_batches: "
+        f"{16 * trainer_per_core:.0f}/s).",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        existing = RESULTS.read_text() if RESULTS.exists() else HEADER
+        RESULTS.write_text(existing.rstrip("\n") + "\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Training on Ray Train V2 against the real services: embedded S3 (data and checkpoints), local Ray, sqlite MLflow."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edsr_ray import storage, tracking
+from edsr_ray.config import ExperimentConfig, TrainConfig, from_dict
+from edsr_ray.errors import EdsrRayError
+from edsr_ray.models import EDSR, build_model, load_model, save_model
+from edsr_ray.train import NonFiniteLossError, make_optimizer, preflight, run_training, train_one_step
+
+ROOT = "s3://edsr/train-tests/div2k"
+
+
+def test_one_step_is_the_paper_recipe_written_out():
+    """train_one_step + make_optimizer == L1 + Adam(0.9, 0.999, 1e-8) + lr halved every lr_step, written by hand."""
+    torch.manual_seed(0)
+    ours = EDSR(n_resblocks=1, n_feats=8, scale=2)
+    ref = copy.deepcopy(ours)
+    cfg = TrainConfig(lr=1e-3, lr_step=3, total_steps=10)
+    optimizer, scheduler = make_optimizer(ours, cfg)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    g = torch.Generator().manual_seed(1)
+    for t in range(1, 8):
+        lr = torch.rand(2, 3, 10, 10, generator=g) * 255
+        hr = torch.rand(2, 3, 20, 20, generator=g) * 255
+        train_one_step(ours, optimizer, scheduler, lr, hr, 2, None)
+        loss = (ref(lr) - hr).abs().mean()
+        grads = torch.autograd.grad(loss, params)
+        step_lr = 1e-3 * 0.5 ** ((t - 1) // 3)
+        with torch.no_grad():
+            for p, gr, (m, v) in zip(params, grads, state):
+                m.mul_(0.9).add_(gr, alpha=0.1)
+                v.mul_(0.999).addcmul_(gr, gr, value=0.001)
+                m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+                p.sub_(step_lr * m_hat / (v_hat.sqrt() + 1e-8))
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 0.5 ** (7 // 3))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# On Ray
+
+
+@pytest.fixture(scope="module")
+def env(s3, sample_div2k, tmp_path_factory):
+    """Local Ray (4 logical CPUs: 2 train workers + Ray Data), the sample set ingested at x2, a private MLflow store."""
+    import ray
+
+    from edsr_ray.ingest import ingest
+
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDSR_RAY_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        ray.init(
+            address="local",
+            num_cpus=4,
+            object_store_memory=300 * 2**20,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"EDSR_RAY_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true"}},
+        )
+        try:
+            report = ingest([str(sample_div2k)], ROOT, scales=(2,), progress=False)
+            assert report.failed == []
+            yield home
+        finally:
+            ray.shutdown()
+
+
+def _config(name: str, **sections) -> ExperimentConfig:
+    data = {
+        "model": {"arch": "edsr", "n_resblocks": 1, "n_feats": 8, "scales": [2]},
+        "data": {
+            "root": ROOT,
+            "train_range": [1, 800],
+            "val_range": [801, 900],
+            "patch_size": 16,
+            "patches_per_image": 16,
+            "epoch_patches": 96,
+            "val_max_size": 96,
+        },
+        "train": {"batch_size": 4, "lr": 1e-3, "lr_step": 5, "total_steps": 8, "val_every": 4, "log_every": 2},
+        "workers": {"num_workers": 2, "cpus_per_worker": 1},
+        "run": {"name": name, "storage_path": "s3://edsr/train-tests/runs", "max_failures": 0},
+        "tracking": {"experiment": "train-tests", "registered_model": f"{name}-model"},
+    }
+    for section, values in sections.items():
+        data[section] = {**data[section], **values}
+    return from_dict(ExperimentConfig, data)
+
+
+def _run_metrics(run_id: str, key: str) -> list[tuple[int, float]]:
+    client = tracking.mlflow_module().MlflowClient(tracking_uri=tracking.resolve_tracking_uri())
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_two_workers_train_validate_checkpoint_and_register(env):
+    cfg = _config("basic")
+    outcome = run_training(cfg)
+    assert outcome.steps == 8
+    # Validation beside bicubic on the same images, per scale, with the paper's protocol.
+    for key in ("val_psnr_x2", "val_ssim_x2", "val_bicubic_psnr_x2", "val_bicubic_ssim_x2"):
+        assert np.isfinite(outcome.metrics[key]), key
+    assert 0 < outcome.metrics["val_ssim_x2"] <= 1
+    # The checkpoint is on S3, and load_model reads the model straight from its folder.
+    assert outcome.checkpoint_path.startswith("edsr/train-tests/runs/basic/")
+    ckpt_uri = f"s3://{outcome.checkpoint_path}"
+    assert storage.exists(storage.join(ckpt_uri, "train_state.pt"))
+    model = load_model(ckpt_uri)
+    assert model.config == cfg.model
+
+    # MLflow: params, curves, pictures, and registered models that load at any size.
+    client = tracking.mlflow_module().MlflowClient(tracking_uri=tracking.resolve_tracking_uri())
+    run = client.get_run(outcome.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.n_feats"] == "8" and run.data.params["train.lr"] == "0.001"
+    assert [s for s, _ in _run_metrics(outcome.mlflow_run_id, "loss")] == [2, 4, 6, 8]
+    assert [s for s, _ in _run_metrics(outcome.mlflow_run_id, "val_psnr_x2")] == [4, 8]
+    pictures = [f.path for f in client.list_artifacts(outcome.mlflow_run_id, "validation")]
+    assert pictures == ["validation/step_00000004.png", "validation/step_00000008.png"]
+    assert set(outcome.registered) == {"final", "best"}
+    registered = load_model(f"models:/{cfg.tracking.registered_model}@final")
+    x = torch.rand(1, 3, 23, 37) * 255
+    with torch.inference_mode():
+        torch.testing.assert_close(registered(x), model(x))
+    assert registered(x).shape == (1, 3, 46, 74)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_schedule_without_decaying_twice(env):
+    first = run_training(_config("resume"))
+    assert first.steps == 8
+    # Same run name and storage, more updates: continues from the latest checkpoint (step 8).
+    cfg = _config("resume", train={"total_steps": 12})
+    second = run_training(cfg)
+    assert second.steps == 12
+    assert second.mlflow_run_id == first.mlflow_run_id  # the same MLflow run goes on
+    assert _run_metrics(second.mlflow_run_id, "resumed_from_step") == [(8, 8.0)]
+    # lr after 12 updates with lr_step 5: 1e-3 * 0.5 ** 2, exactly once per boundary (the official code halves again
+    # on every resume).
+    lrs = dict(_run_metrics(second.mlflow_run_id, "lr"))
+    for step in (2, 4, 6, 8, 10, 12):
+        assert lrs[step] == pytest.approx(1e-3 * 0.5 ** (step // 5)), step
+    state = torch.load(_download(second.checkpoint_path, "train_state.pt"), weights_only=True)
+    assert state["step"] == 12 and state["scheduler"]["last_epoch"] == 12
+
+
+def _download(checkpoint_path: str, name: str):
+    import io
+
+    return io.BytesIO(storage.read_bytes(f"s3://{checkpoint_path}/{name}"))
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(env):
+    # A huge learning rate blows the weights up in the first update: the loss of update 2 is no longer finite.
+    cfg = _config("nan", train={"lr": 1e30, "lr_gamma": 1.0, "total_steps": 40, "val_every": 1})
+    with pytest.raises(NonFiniteLossError, match=r"NaN/Inf at update 2; stopped, the last good checkpoint is kept"):
+        run_training(cfg)
+
+
+def _train_worker_pids(home: Path) -> list[int]:
+    """Ray Train worker processes of this test's Ray instance (recognised by the EDSR_RAY_HOME it gave them)."""
+    marker = f"EDSR_RAY_HOME={home}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"RayTrainWorker" in cmdline and marker in environ.split(b"\0"):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(env):
+    cfg = _config("fault", train={"total_steps": 48, "val_every": 4}, run={"max_failures": 2})
+    snapshot = "s3://edsr/train-tests/runs/fault/checkpoint_manager_snapshot.json"
+    killed: list[int] = []
+
+    def killer():
+        # Kill a worker once the controller has registered a checkpoint (Ray Train writes its snapshot then).
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                registered = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result") is not None
+            except (storage.NotFoundError, ValueError):
+                registered = False
+            pids = _train_worker_pids(env)
+            if registered and pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    outcome = run_training(cfg)
+    thread.join(timeout=5)
+    assert killed, "no training worker was killed"
+    assert outcome.steps == 48
+    resumed = _run_metrics(outcome.mlflow_run_id, "resumed_from_step")
+    assert resumed and all(step % 4 == 0 and 4 <= step < 48 for step, _ in resumed)
+
+
+def test_preflight_fails_fast_on_bad_data_and_wrong_init_weights(env, tmp_path):
+    with pytest.raises(EdsrRayError, match="manifest"):
+        preflight(_config("pre", data={"root": "s3://edsr/train-tests/nothing-here"}))
+    x3 = tmp_path / "x3_wide.pt"
+    save_model(build_model(from_dict(ExperimentConfig, {"model": {"n_resblocks": 2, "n_feats": 16}}).model), x3)
+    with pytest.raises(EdsrRayError, match=r"n_feats|n_resblocks"):
+        preflight(_config("pre", train={"init_from": str(x3)}))
+
+
+def test_preflight_names_an_unreachable_object_store(env, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _config("pre", storage={"endpoint_url": f"http://127.0.0.1:{port}", "max_attempts": 2})
+    started = time.monotonic()
+    with pytest.raises(EdsrRayError, match=f"127.0.0.1:{port}"):
+        preflight(cfg)
+    assert time.monotonic() - started < 30
+
+
+def test_l1_loss_is_what_the_step_minimises():
+    # Guard against a silent change of the loss: the reported loss is the mean absolute error of the output.
+    torch.manual_seed(0)
+    model = EDSR(n_resblocks=1, n_feats=8, scale=2)
+    optimizer, scheduler = make_optimizer(model, TrainConfig())
+    lr, hr = torch.rand(1, 3, 8, 8) * 255, torch.rand(1, 3, 16, 16) * 255
+    with torch.no_grad():
+        expected = F.l1_loss(model(lr), hr)
+    assert train_one_step(model, optimizer, scheduler, lr, hr, 2, None) == pytest.approx(float(expected), rel=1e-6)
