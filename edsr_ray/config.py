@@ -28,11 +28,11 @@ ARCHS = ("edsr", "mdsr")
 T = TypeVar("T")
 
 
-class _FieldError(Exception):
-    """Raised inside ``__post_init__``; the loader adds the section path and the file name."""
+class _FieldError(ConfigError):
+    """Raised inside ``__post_init__`` (a ConfigError naming the key); the loader adds the section path and file."""
 
     def __init__(self, key: str, message: str):
-        super().__init__(message)
+        super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
 
@@ -46,14 +46,14 @@ def _require(ok: bool, key: str, message: str) -> None:
 class ModelConfig:
     """Architecture of an EDSR or MDSR network (everything needed to rebuild it from weights)."""
 
-    arch: str = "edsr"
-    n_resblocks: int = 16
-    n_feats: int = 64
+    arch: str = "edsr"  # edsr or mdsr
+    n_resblocks: int = 16  # residual blocks in the body (paper: EDSR 32, MDSR 80; baselines 16)
+    n_feats: int = 64  # feature channels (paper EDSR: 256)
     # EDSR has exactly one scale; MDSR one upsampling branch per listed scale (official order 2, 3, 4).
     scales: tuple[int, ...] = (2,)
-    res_scale: float = 1.0
-    n_colors: int = 3
-    rgb_range: int = 255
+    res_scale: float = 1.0  # residual scaling in each block (paper EDSR: 0.1); not stored in official weights
+    n_colors: int = 3  # image channels
+    rgb_range: int = 255  # pixel range the network works in (official weights: 255)
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, "arch", f"must be one of {list(ARCHS)}, got {self.arch!r}")
@@ -83,12 +83,12 @@ class StorageConfig:
     never logged with the config.
     """
 
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    max_attempts: int = 5
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
+    endpoint_url: str | None = None  # S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS S3)
+    region: str | None = None  # default: AWS_REGION / AWS_DEFAULT_REGION / the profile's region
+    profile: str | None = None  # named AWS profile for credentials (default: AWS_PROFILE)
+    max_attempts: int = 5  # attempts per request, retrying 5xx, throttling and dropped connections with backoff
+    connect_timeout_s: float = 5.0  # a down endpoint fails after max_attempts of this
+    read_timeout_s: float = 60.0  # per request read timeout
 
     def __post_init__(self) -> None:
         _require(self.max_attempts >= 1, "max_attempts", f"must be >= 1, got {self.max_attempts}")
@@ -108,9 +108,8 @@ class DataConfig:
 
     # Dataset root (``s3://bucket/prefix`` or a folder) as written by ``jobs/ingest.py``; holds ``manifest.parquet``.
     root: str = ""
-    # Image ids (1-based DIV2K numbering) used for training and validation, inclusive.
-    train_range: tuple[int, int] = (1, 800)
-    val_range: tuple[int, int] = (801, 810)
+    train_range: tuple[int, int] = (1, 800)  # DIV2K image numbers used for training, inclusive
+    val_range: tuple[int, int] = (801, 810)  # DIV2K image numbers used for validation (paper: 801-810)
     patch_size: int = 48  # LR patch side; the HR patch is patch_size * scale
     augment: bool = True  # random hflip, vflip and transpose
     # Patches cut from one decoded image before moving on (decoding a 2K PNG costs far more than cutting a patch).
@@ -119,7 +118,7 @@ class DataConfig:
     epoch_patches: int = 16_000
     # Validation on HR centre crops of at most this side (None: whole images, as in the paper).
     val_max_size: int | None = None
-    seed: int = 0
+    seed: int = 0  # seed of the patch stream (crops, flips, scale draws)
 
     def __post_init__(self) -> None:
         for key in ("train_range", "val_range"):
@@ -137,20 +136,20 @@ class TrainConfig:
     """Optimisation recipe. Defaults are the paper's: L1, Adam(0.9, 0.999, 1e-8), lr 1e-4 halved every 2e5 updates."""
 
     batch_size: int = 16  # global batch: split evenly over the workers
-    lr: float = 1e-4
-    lr_step: int = 200_000
-    lr_gamma: float = 0.5
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    total_steps: int = 300_000
-    val_every: int = 10_000
-    log_every: int = 100
+    lr: float = 1e-4  # initial learning rate
+    lr_step: int = 200_000  # updates between learning-rate decays
+    lr_gamma: float = 0.5  # decay factor
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
+    eps: float = 1e-8  # Adam epsilon
+    total_steps: int = 300_000  # updates in the whole run (paper: 3e5 baselines, 1e6 final models)
+    val_every: int = 10_000  # updates between validations; each validation writes a checkpoint
+    log_every: int = 100  # updates between loss / lr / throughput logs
     # Initial weights: an official .pt, a project checkpoint, or an MLflow ``models:/`` URI (e.g. an x2 model for x3).
     init_from: str | None = None
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    channels_last: bool = True
-    compile: bool = False
-    seed: int = 0
+    channels_last: bool = True  # channels_last memory layout on GPU
+    compile: bool = False  # torch.compile the model on GPU
+    seed: int = 0  # seed of initialisation and of each worker's RNG
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -173,10 +172,10 @@ class TrainConfig:
 class WorkersConfig:
     """Ray Train scaling: how many workers and what each one holds."""
 
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"
+    num_workers: int = 1  # Ray Train workers (one GPU each with use_gpu)
+    use_gpu: bool = False  # train on GPUs (NCCL); else CPU (gloo)
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker; Ray Data uses the rest for the patch stream
+    placement_strategy: str = "PACK"  # PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (workers on different nodes)
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
@@ -193,11 +192,11 @@ class WorkersConfig:
 class RunConfig:
     """Where a training run keeps its checkpoints, and how it survives failures."""
 
-    name: str = "edsr"
+    name: str = "edsr"  # run name: checkpoints go to storage_path/name
     # Local folder or ``s3://bucket/prefix``; re-running with the same name and storage resumes the run.
     storage_path: str = "~/.edsr-ray/runs"
-    max_failures: int = 2
-    num_to_keep: int = 2
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails (-1: forever)
+    num_to_keep: int = 2  # checkpoints kept, best by validation PSNR (the latest is always kept too)
 
     def __post_init__(self) -> None:
         _require(
@@ -212,10 +211,10 @@ class RunConfig:
 class TrackingConfig:
     """MLflow tracking. No URI: ``MLFLOW_TRACKING_URI`` if set, else a sqlite file in the embedded data directory."""
 
-    tracking_uri: str | None = None
-    experiment: str = "edsr-ray"
-    registered_model: str | None = None
-    log_images: bool = True
+    tracking_uri: str | None = None  # MLflow server or store (default: MLFLOW_TRACKING_URI, else embedded sqlite)
+    experiment: str = "edsr-ray"  # MLflow experiment name
+    registered_model: str | None = None  # register the final and best models under this name
+    log_images: bool = True  # log a bicubic | model | HR picture at every validation
 
     def __post_init__(self) -> None:
         _require(bool(self.experiment), "experiment", "must not be empty")
@@ -226,8 +225,8 @@ class InferenceConfig:
     """How images are upscaled: tiling, self-ensemble, precision and the decompression-bomb limit."""
 
     tile: int | None = None  # LR tile side; None: whole image when it fits
-    self_ensemble: bool = False
-    precision: str = "auto"
+    self_ensemble: bool = False  # x8 flips/transposes averaged (EDSR+ / MDSR+)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16
     max_pixels: int = 40_000_000  # input pixels; larger images are refused before decoding
 
     def __post_init__(self) -> None:
@@ -446,3 +445,71 @@ def load_config(
     if overrides:
         data = apply_overrides(data, overrides, source=f"{source} (command-line overrides)")
     return from_dict(cls, data, source=source)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reference documentation, generated from the dataclasses themselves (the README embeds it; a test keeps it current)
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "workers": WorkersConfig,
+    "run": RunConfig,
+    "tracking": TrackingConfig,
+    "storage": StorageConfig,
+    "inference": InferenceConfig,
+}
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Comments written beside or above each field in the class body."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# ").strip())
+            continue
+        match = re.match(r"(\w+): [^=]+=.*?(?:#\s*(.*))?$", stripped)
+        if match:
+            parts = [*pending, match.group(2) or ""]
+            docs[match.group(1)] = " ".join(p for p in parts if p).replace("``", "`").replace("|", "\\|")
+        pending = []
+    return docs
+
+
+def reference_markdown() -> str:
+    """The configuration reference: every section, key, type, default and meaning."""
+
+    def type_name(tp: Any) -> str:
+        text = str(tp).replace("typing.", "").replace(" | None", " or null")
+        return {
+            "<class 'int'>": "int",
+            "<class 'float'>": "float",
+            "<class 'str'>": "str",
+            "<class 'bool'>": "bool",
+        }.get(text, text)
+
+    lines: list[str] = []
+    for section, cls in SECTIONS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        lines += [f"**`{section}`**: {doc}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        docs = _field_docs(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(defaults, f.name)
+            shown = list(default) if isinstance(default, tuple) else default
+            value = "null" if shown is None else yaml.safe_dump(shown, default_flow_style=True).strip()
+            value = value.removesuffix("\n...").strip()
+            lines.append(f"| `{f.name}` | {type_name(hints[f.name])} | `{value}` | {docs.get(f.name, '')} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
