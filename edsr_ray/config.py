@@ -511,5 +511,20 @@ def reference_markdown() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+README_START, README_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def splice_reference(readme: str) -> str:
+    """``readme`` with the text between the config-reference markers replaced by :func:`reference_markdown`."""
+    start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
+    return readme[:start] + "\n" + reference_markdown() + readme[end:]
+
+
 if __name__ == "__main__":
-    print(reference_markdown(), end="")
+    import sys
+
+    if sys.argv[1:2] == ["--write"]:  # python -m edsr_ray.config --write README.md
+        path = Path(sys.argv[2])
+        path.write_text(splice_reference(path.read_text()))
+    else:
+        print(reference_markdown(), end="")

@@ -1,29 +1,40 @@
-"""Upscaling collections of image files: finding inputs, naming outputs, and the per-image read → decode → upscale →
-encode → write steps, with bad inputs recorded and skipped instead of stopping the run.
+"""Upscaling collections of images: which inputs there are, where each output goes, and the three stages every image
+passes through (read + decode, upscale, encode + write).
 
-``jobs/upscale.py`` is a thin command over :func:`run_upscale`. The steps are separate functions (:func:`plan_tasks`,
-:func:`read_and_decode`, :func:`encode_and_write`, :func:`process_task`) so that a distributed job can run them as
-stages of a pipeline and stay on this one code path. Locations go through :mod:`edsr_ray.storage`, so inputs and
-outputs may be local folders or ``s3://`` prefixes alike.
+The stages are functions over Arrow tables (:func:`decode_batch`, :class:`UpscaleBatch`, :func:`write_batch`), so that
+:mod:`edsr_ray.batch` runs them as a streaming Ray Data pipeline (CPU tasks, a model actor pool, CPU tasks) and a
+``--local`` run calls the very same functions in-process: one code path either way. Rows carry their failure reason
+(``reason`` non-empty) through the later stages instead of raising, so a bad input never stops a run and ends up in
+the manifest with its reason.
 
-Guarantees: an output keeps its input's relative path under the output location; nothing is written outside it (keys
-never contain ``..``; local writes are checked against symbolic links); outputs that already exist are skipped, so a
-re-run only does what is missing; every write is atomic (temp file + rename, or one S3 PUT), so no partial output is
-ever visible.
+Between stages an image travels as raw pixel bytes plus the fields needed to rebuild its
+:class:`~edsr_ray.imaging.DecodedImage` exactly (bit depth, grey, alpha, format, mode): 16-bit samples, alpha and
+greyness survive the trip, and a grey or 16-bit image is written back as such.
+
+Guarantees: an output keeps its input's relative key under the output location; nothing is written outside it (keys
+never contain ``..``; local writes are checked against symbolic links); every write is atomic (temp file + rename, one
+S3 PUT, or a completed multipart upload), so no partial output is ever visible.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from edsr_ray import storage
-from edsr_ray.config import InferenceConfig, StorageConfig
+from edsr_ray.config import InferenceConfig, StorageConfig, from_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
 from edsr_ray.imaging import (
     FORMAT_EXTENSIONS,
@@ -33,30 +44,91 @@ from edsr_ray.imaging import (
     encode_image,
     format_from_name,
 )
-from edsr_ray.inference import Upscaler, resolve_scale
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Files a folder or prefix is searched for; list files may name other files too (each is tried, and fails clearly).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# An --input ending like this is a list of inputs, not an image: text (one path or URI a line) or Parquet.
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+PARQUET_SUFFIX = ".parquet"
+PARQUET_COLUMNS = ("path", "uri")
+# Formats outputs are written in; "same" keeps an input's format when it is one of these (by extension).
 OUTPUT_FORMATS = ("same", "png", "jpeg", "webp")
-PROGRESS_EVERY_S = 10.0
+WRITTEN_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+PNG_COMPRESSION = ("fast", "small")
+# Pillow's default zlib level: what "small" PNGs are written with.
+SMALL_PNG_LEVEL = 6
+# The run's reports, written next to the outputs.
+MANIFEST_NAME = "_manifest.parquet"
+SUMMARY_NAME = "_summary.json"
+# Reads / writes of one batch in flight at once: hides object-store latency behind decoding and encoding.
+IO_THREADS = 8
 # Failures a run records per image instead of stopping: anything the input (or its output location) can cause.
-_ITEM_ERRORS = (EdsrRayError, OSError, MemoryError, torch.OutOfMemoryError)
+ITEM_ERRORS = (EdsrRayError, OSError, MemoryError, torch.OutOfMemoryError)
+
+# Columns of the tables between stages. ``width``/``height`` are the input's size; ``pixel_width``/``pixel_height``
+# describe the bytes in ``pixels`` (the input's after decoding, the output's after upscaling).
+TASK_SCHEMA = pa.schema([("input", pa.string()), ("output", pa.string())])
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("input", pa.string()),
+        ("output", pa.string()),
+        ("reason", pa.string()),
+        ("input_bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bit_depth", pa.int8()),
+        ("grey", pa.bool_()),
+        ("has_alpha", pa.bool_()),
+        ("format", pa.string()),
+        ("mode", pa.string()),
+        ("pixel_width", pa.int32()),
+        ("pixel_height", pa.int32()),
+        # large_binary: an upscaled image can exceed the 2 GiB a plain binary column holds per chunk.
+        ("pixels", pa.large_binary()),
+        ("seconds", pa.float64()),
+    ]
+)
+# One row per input in ``_manifest.parquet``. ``bytes`` is the output's size; ``seconds`` the time spent on the image
+# (read, decode, its share of a model batch, encode, write).
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("input", pa.string()),
+        ("output", pa.string()),
+        ("status", pa.string()),  # ok | skipped (the output existed) | failed (see reason)
+        ("reason", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bytes", pa.int64()),
+        ("input_bytes", pa.int64()),
+        ("seconds", pa.float64()),
+    ]
+)
 
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """How outputs are written: ``fmt`` "same" keeps each input's format (PNG for other kinds of input)."""
+    """How inputs are read and outputs written.
+
+    ``fmt`` "same" keeps each input's format (PNG for formats that are not written, e.g. TIFF). ``png_compression``
+    "fast" writes 8-bit RGB/RGBA PNGs with fpng (about 50x faster than Pillow's default, files ~40% larger) and other
+    PNGs with zlib level 1; "small" uses zlib level 6 (Pillow's default) everywhere: the smallest files, slowest.
+    ``max_pixels`` is the decompression-bomb guard for inputs.
+    """
 
     fmt: str = "same"
     quality: int = 95  # JPEG / WebP
-    max_pixels: int = MAX_PIXELS_DEFAULT  # decompression-bomb guard for the inputs
+    png_compression: str = "fast"
+    max_pixels: int = MAX_PIXELS_DEFAULT
 
     def __post_init__(self) -> None:
         if self.fmt not in OUTPUT_FORMATS:
             raise ConfigError(f"output format must be one of {list(OUTPUT_FORMATS)}, got {self.fmt!r}")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"quality must be in 1..100, got {self.quality}")
+        if self.png_compression not in PNG_COMPRESSION:
+            raise ConfigError(f"png_compression must be one of {list(PNG_COMPRESSION)}, got {self.png_compression!r}")
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
 
@@ -70,63 +142,128 @@ class Task:
     dest: str
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one input. ``status`` is "done", "skipped" (output existed) or "failed" (see ``reason``)."""
-
-    source: str
-    dest: str
-    status: str
-    reason: str = ""
-    pixels: int = 0  # input width x height
-    seconds: float = 0.0
-
-
-@dataclass
-class Summary:
-    """Totals of a run, for the final report and the exit status."""
-
-    outcomes: list[Outcome] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def count(self, status: str) -> int:
-        return sum(o.status == status for o in self.outcomes)
-
-    @property
-    def failures(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.status == "failed"]
-
-    @property
-    def megapixels(self) -> float:
-        return sum(o.pixels for o in self.outcomes if o.status == "done") / 1e6
-
-    def line(self) -> str:
-        done = self.count("done")
-        rate = done / self.seconds if self.seconds > 0 else 0.0
-        return (
-            f"upscaled {done} images ({self.megapixels:.2f} input megapixels) in {self.seconds:.1f} s, "
-            f"{rate:.2f} img/s; skipped {self.count('skipped')} existing; {len(self.failures)} failed"
-        )
-
-    def exit_code(self, allow_failures: int = 0) -> int:
-        """0 when at most ``allow_failures`` inputs failed, else 1."""
-        return 0 if len(self.failures) <= allow_failures else 1
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# Naming
+# Inputs and names
+
+
+def absolute(uri: str) -> str:
+    """``uri`` with a local path made absolute (Ray workers run in another working directory); S3 URIs as given."""
+    if storage.is_s3(uri):
+        return uri
+    text = os.fspath(uri)
+    if text.startswith(storage.FILE_PREFIX):
+        text = unquote(urlsplit(text).path)
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def output_key(key: str, fmt: str) -> str:
     """The output's relative key: the input's, with the extension of ``fmt`` ("same" keeps it, or makes it .png)."""
     path = PurePosixPath(key)
     if fmt == "same":
-        return key if path.suffix.lower() in IMAGE_SUFFIXES else str(path.with_suffix(".png"))
+        return key if path.suffix.lower() in WRITTEN_SUFFIXES else str(path.with_suffix(".png"))
     return str(path.with_suffix(FORMAT_EXTENSIONS[fmt]))
 
 
-def _real(path: str) -> str:
-    return os.path.realpath(os.path.expanduser(path))
+def is_list_file(uri: str) -> bool:
+    """True when ``--input`` names a list of inputs (.txt/.lst/.list or .parquet) rather than an image or folder."""
+    return str(uri).lower().endswith((*LIST_SUFFIXES, PARQUET_SUFFIX))
+
+
+def read_list_file(uri: str, cfg: StorageConfig | None = None) -> list[str]:
+    """The inputs a list file names, as absolute paths or URIs, in order, without duplicates.
+
+    Text: one path or URI a line; blank lines and lines starting with ``#`` are ignored. Parquet: the ``path`` or
+    ``uri`` column. Relative entries are relative to the list file's folder (or S3 prefix).
+    """
+    data = storage.read_bytes(uri, cfg)
+    if uri.lower().endswith(PARQUET_SUFFIX):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as exc:
+            raise ConfigError(f"--input {uri}: not a readable Parquet file: {exc}") from None
+        column = next((c for c in PARQUET_COLUMNS if c in table.column_names), None)
+        if column is None:
+            raise ConfigError(
+                f"--input {uri}: a Parquet list needs a 'path' or 'uri' column; it has {table.column_names}"
+            )
+        entries = [str(v).strip() for v in table.column(column).to_pylist() if v is not None and str(v).strip()]
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ConfigError(f"--input {uri}: a list file must be UTF-8 text, one path or URI a line") from None
+        entries = [line.strip() for line in text.splitlines()]
+        entries = [e for e in entries if e and not e.startswith("#")]
+    base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else os.path.dirname(absolute(uri))
+    resolved = []
+    for entry in entries:
+        if storage.is_s3(entry) or os.path.isabs(os.path.expanduser(entry)) or entry.startswith(storage.FILE_PREFIX):
+            resolved.append(absolute(entry))
+        elif storage.is_s3(base):
+            resolved.append(storage.join(base, entry))
+        else:
+            resolved.append(os.path.normpath(os.path.join(base, entry)))
+    return list(dict.fromkeys(resolved))
+
+
+def _parts(uri: str) -> tuple[str, ...]:
+    """Path components with the root first: ``("s3://", bucket, ...)`` or ``("/", ...)``."""
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        return ("s3://", bucket, *[p for p in key.split("/") if p])
+    return PurePosixPath(uri).parts
+
+
+def relative_keys(sources: Sequence[str]) -> list[str]:
+    """Keys for listed inputs: each path relative to the deepest folder all of them share.
+
+    ``s3://b/photos/a/1.jpg`` and ``s3://b/photos/c/2.jpg`` give ``a/1.jpg`` and ``c/2.jpg``. Inputs in different
+    buckets (or local and S3 together) share no folder: their keys start with the bucket or the path below ``/``.
+    """
+    if not sources:
+        return []
+    parts = [_parts(s) for s in sources]
+    common = list(parts[0][:-1])
+    for p in parts[1:]:
+        folder = p[:-1]
+        n = 0
+        while n < min(len(common), len(folder)) and common[n] == folder[n]:
+            n += 1
+        del common[n:]
+    return ["/".join(x for x in p[len(common) :] if x not in ("s3://", "/")) for p in parts]
+
+
+def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = None) -> list[tuple[str, str]]:
+    """``(source, key)`` for every input: the images below a folder or prefix (recursively), the one file named, or
+    the entries of a list file. Files already inside the output location are left out (an output folder inside the
+    input folder must not become input)."""
+    if is_list_file(input_uri) and storage.exists(input_uri, cfg) and not _is_folder(input_uri, cfg):
+        sources = read_list_file(input_uri, cfg)
+        pairs = list(zip(sources, relative_keys(sources)))
+    else:
+        files = storage.list_files(input_uri, cfg)
+        base = input_uri.rstrip("/")
+        if len(files) == 1 and files[0].rstrip("/") == base:
+            pairs = [(files[0], PurePosixPath(files[0]).name)]
+        else:
+            pairs = [(f, f[len(base) + 1 :]) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    return [(s, k) for s, k in pairs if not _inside(s, output_uri)]
+
+
+def _is_folder(uri: str, cfg: StorageConfig | None) -> bool:
+    if storage.is_s3(uri):
+        return False  # an object and a prefix of the same name: the object (the list file) wins
+    return os.path.isdir(uri)
+
+
+def _inside(source: str, output_uri: str) -> bool:
+    if storage.is_s3(source) != storage.is_s3(output_uri):
+        return False
+    if storage.is_s3(source):
+        return source.startswith(output_uri.rstrip("/") + "/")
+    return _is_within(os.path.realpath(source), os.path.realpath(output_uri))
 
 
 def _is_within(path: str, root: str) -> bool:
@@ -135,148 +272,389 @@ def _is_within(path: str, root: str) -> bool:
 
 def plan_tasks(
     input_uri: str, output_uri: str, fmt: str = "same", cfg: StorageConfig | None = None
-) -> tuple[list[Task], list[Outcome]]:
-    """Tasks for every image below ``input_uri`` (or for that one file), in sorted order, plus failed outcomes.
+) -> tuple[list[Task], list[tuple[Task, str]]]:
+    """Tasks for every input, in sorted order, plus the inputs that cannot be written, with the reason.
 
-    Folders are walked recursively for .png/.jpg/.jpeg/.webp files; a single file is taken whatever its name. Files
-    already inside the output location (an output folder inside the input folder) are left out. Two inputs that
-    would write the same output (``a.jpg`` and ``a.png`` with ``--format png``) cannot both be written: the second
-    is returned as a failed outcome.
+    Two inputs that would write the same output (``a.jpg`` and ``a.png`` with ``--format png``) cannot both be
+    written: the second is refused. So are keys that would collide with the run's own reports.
     """
-    files = storage.list_files(input_uri, cfg)
-    single = len(files) == 1 and files[0].rstrip("/") == os.fspath(input_uri).rstrip("/")
-    if single:
-        keys = [(files[0], PurePosixPath(files[0]).name)]
-    else:
-        base = os.fspath(input_uri).rstrip("/")
-        keys = [(f, f[len(base) + 1 :]) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-        keys = [(f, k) for f, k in keys if not _inside_output(f, output_uri)]
-    tasks, collisions, seen = [], [], {}
-    for source, key in keys:
-        dest = storage.join(output_uri, output_key(key, fmt))
-        if dest in seen:
-            collisions.append(Outcome(source, dest, "failed", f"its output {dest} is also the output of {seen[dest]}"))
+    tasks, refused, seen = [], [], {}
+    for source, key in sorted(list_inputs(input_uri, output_uri, cfg), key=lambda p: p[1]):
+        out_key = output_key(key, fmt)
+        try:
+            dest = storage.join(output_uri, out_key)
+        except StorageError as exc:
+            refused.append((Task(source, key, ""), str(exc)))
             continue
-        seen[dest] = source
-        tasks.append(Task(source, key, dest))
-    return tasks, collisions
+        task = Task(source, key, dest)
+        if out_key in (MANIFEST_NAME, SUMMARY_NAME):
+            refused.append((task, f"its output name {out_key} is reserved for the run's report"))
+        elif dest in seen:
+            refused.append((task, f"its output {dest} is also the output of {seen[dest]}"))
+        else:
+            seen[dest] = source
+            tasks.append(task)
+    return tasks, refused
 
 
-def _inside_output(source: str, output_uri: str) -> bool:
-    if storage.is_s3(source) != storage.is_s3(output_uri):
-        return False
-    if storage.is_s3(source):
-        return source.startswith(output_uri.rstrip("/") + "/")
-    return _is_within(_real(source), _real(output_uri))
+def existing_outputs(output_uri: str, cfg: StorageConfig | None = None) -> set[str]:
+    """Every file already under the output location: one listing, instead of one request per image."""
+    try:
+        return set(storage.list_files(output_uri, cfg))
+    except storage.NotFoundError:
+        if storage.is_s3(output_uri):
+            raise  # a missing bucket: writing would fail for every image
+        return set()
+
+
+def remove_stale_temp_files(output_uri: str) -> int:
+    """Delete the temporary files that a killed run left in a local output folder; returns how many.
+
+    Atomic local writes go through ``.<name>.<random>.edsr-tmp`` files that are renamed when complete; a process
+    killed in between leaves one behind. They are never outputs (listings skip them), only litter. One run at a time
+    per output location is assumed: a concurrent run's in-flight temp file would be removed too (its write then fails
+    and is retried by the next run). S3 needs nothing of the kind: a PUT is all or nothing, and an interrupted
+    multipart upload never becomes an object (a bucket lifecycle rule can expire its parts).
+    """
+    if storage.is_s3(output_uri) or not os.path.isdir(output_uri):
+        return 0
+    removed = 0
+    for folder, _dirs, files in os.walk(output_uri):
+        for name in files:
+            if name.startswith(".") and name.endswith(storage.TMP_SUFFIX):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+                except OSError as exc:
+                    logger.warning("cannot remove the stale temporary file %s: %s", os.path.join(folder, name), exc)
+    return removed
 
 
 def check_destination(dest: str, output_uri: str) -> None:
     """Refuse a local destination that a symbolic link would carry outside the output folder."""
     if storage.is_s3(dest):
         return
-    if not _is_within(_real(os.path.dirname(dest) or "."), _real(output_uri)):
+    if not _is_within(os.path.realpath(os.path.dirname(dest) or "."), os.path.realpath(output_uri)):
         raise StorageError(f"refusing to write {dest}: it resolves outside the output folder {output_uri}")
 
 
-def existing_outputs(output_uri: str, cfg: StorageConfig | None = None) -> set[str]:
-    """Every file already under the output location (one listing instead of a check per image)."""
-    try:
-        return set(storage.list_files(output_uri, cfg))
-    except storage.NotFoundError:
-        return set()
+def tasks_table(tasks: Iterable[Task]) -> pa.Table:
+    """The pipeline's input rows."""
+    tasks = list(tasks)
+    return pa.table({"input": [t.source for t in tasks], "output": [t.dest for t in tasks]}, schema=TASK_SCHEMA)
+
+
+def manifest_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Manifest rows (missing fields null) as a table with :data:`MANIFEST_SCHEMA`."""
+    columns = {name: [r.get(name) for r in rows] for name in MANIFEST_SCHEMA.names}
+    return pa.table(columns, schema=MANIFEST_SCHEMA)
+
+
+def reason_of(exc: BaseException, source: str) -> str:
+    """A failure's text, naming the input: our errors already name it; others get it put in front."""
+    text = str(exc) if isinstance(exc, EdsrRayError) else f"{type(exc).__name__}: {exc}"
+    return text if source in text else f"{source}: {text}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Per-image steps
+# Images between stages
 
 
-def read_and_decode(task: Task, options: OutputOptions, cfg: StorageConfig | None = None) -> DecodedImage:
-    """The input's pixels (raises ImageError / StorageError naming the input)."""
-    return decode_image(storage.read_bytes(task.source, cfg), name=task.source, max_pixels=options.max_pixels)
+def pack_image(img: DecodedImage) -> dict[str, Any]:
+    """The row fields that carry ``img``: metadata plus raw pixels (RGB, then alpha; 16-bit little-endian)."""
+    dtype = "<u2" if img.bit_depth == 16 else np.uint8
+    pixels = np.ascontiguousarray(img.rgb, dtype=dtype).tobytes()
+    if img.alpha is not None:
+        pixels += np.ascontiguousarray(img.alpha, dtype=dtype).tobytes()
+    return {
+        "bit_depth": img.bit_depth,
+        "grey": img.grey,
+        "has_alpha": img.alpha is not None,
+        "format": img.format,
+        "mode": img.mode,
+        "pixel_width": img.width,
+        "pixel_height": img.height,
+        "pixels": pixels,
+    }
+
+
+def unpack_image(row: Mapping[str, Any], pixels: Any) -> DecodedImage:
+    """Rebuild the :class:`DecodedImage` of a row; ``pixels`` is its ``pixels`` value (bytes or an Arrow buffer, read
+    without a copy: the arrays are read-only views)."""
+    h, w, depth = int(row["pixel_height"]), int(row["pixel_width"]), int(row["bit_depth"])
+    dtype = np.dtype("<u2") if depth == 16 else np.dtype(np.uint8)
+    flat = np.frombuffer(pixels, dtype=dtype)
+    n = h * w * 3
+    expected = n + (h * w if row["has_alpha"] else 0)
+    if flat.size != expected:
+        raise EdsrRayError(f"{row['input']}: {flat.size} pixel samples in the pipeline row, expected {expected}")
+    native = np.uint16 if depth == 16 else np.uint8
+    rgb = flat[:n].reshape(h, w, 3).astype(native, copy=False)
+    alpha = flat[n:].reshape(h, w).astype(native, copy=False) if row["has_alpha"] else None
+    return DecodedImage(rgb, alpha, depth, bool(row["grey"]), row["format"], str(row["mode"]))
+
+
+def _rows(table: pa.Table) -> tuple[list[dict[str, Any]], list[Any]]:
+    """(fields of every row without the pixels, the pixel buffers as zero-copy Arrow buffers or None)."""
+    if "pixels" not in table.column_names:
+        return table.to_pylist(), [None] * table.num_rows
+    records = table.drop_columns(["pixels"]).to_pylist()
+    column = table.column("pixels")
+    buffers = [None if v is None else v.as_buffer() for chunk in column.chunks for v in chunk]
+    return records, buffers
+
+
+def _image_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
+    columns = {name: [r.get(name) for r in records] for name in IMAGE_SCHEMA.names}
+    columns["pixels"] = [r.get("pixels") or b"" for r in records]
+    columns["reason"] = [r.get("reason") or "" for r in records]
+    columns["seconds"] = [float(r.get("seconds") or 0.0) for r in records]
+    return pa.table(columns, schema=IMAGE_SCHEMA)
+
+
+def _storage_cfg(storage_config: Mapping[str, Any] | StorageConfig | None) -> StorageConfig | None:
+    if storage_config is None or isinstance(storage_config, StorageConfig):
+        return storage_config
+    return from_dict(StorageConfig, storage_config, source="storage settings")
+
+
+def _output_options(options: Mapping[str, Any] | OutputOptions) -> OutputOptions:
+    return options if isinstance(options, OutputOptions) else from_dict(OutputOptions, options, source="options")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stage 1: read + decode (CPU tasks)
+
+
+def read_and_decode(source: str, data: bytes, max_pixels: int) -> DecodedImage:
+    """The input's pixels (raises ImageError naming the input)."""
+    return decode_image(data, name=source, max_pixels=max_pixels)
+
+
+def _timed_read(source: str, cfg: StorageConfig | None) -> tuple[bytes | BaseException, float]:
+    start = time.perf_counter()
+    try:
+        return storage.read_bytes(source, cfg), time.perf_counter() - start
+    except ITEM_ERRORS as exc:
+        return exc, time.perf_counter() - start
+
+
+def decode_batch(
+    tasks: pa.Table, *, max_pixels: int = MAX_PIXELS_DEFAULT, storage_config: Mapping[str, Any] | None = None
+) -> pa.Table:
+    """Task rows → image rows: every input read (several at once) and decoded; failures keep their reason."""
+    cfg = _storage_cfg(storage_config)
+    sources, dests = tasks.column("input").to_pylist(), tasks.column("output").to_pylist()
+    with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, len(sources)))) as pool:
+        reads = list(pool.map(lambda s: _timed_read(s, cfg), sources))
+    records = []
+    for source, dest, (data, seconds) in zip(sources, dests, reads):
+        row: dict[str, Any] = {"input": source, "output": dest}
+        start = time.perf_counter()
+        try:
+            if isinstance(data, BaseException):
+                raise data
+            row["input_bytes"] = len(data)
+            img = read_and_decode(source, data, max_pixels)
+            row.update(pack_image(img), width=img.width, height=img.height)
+        except ITEM_ERRORS as exc:
+            row["reason"] = reason_of(exc, source)
+        row["seconds"] = seconds + time.perf_counter() - start
+        records.append(row)
+    return _image_table(records)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stage 2: upscale (actors holding the model)
+
+
+def upscale_rgb_batch(upscaler: Any, images: np.ndarray, scale: int) -> np.ndarray:
+    """uint8 (B, H, W, 3) same-size images → uint8 (B, H*s, W*s, 3) through the shared inference path in one call.
+
+    Equal to :meth:`Upscaler.upscale` on each image (quantised the same way, on the device, so only uint8 comes
+    back); several images share forward passes where the memory budget allows, and large ones are still tiled.
+    """
+    if len(images) == 1:
+        return upscaler.upscale(images[0], scale)[None]
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(upscaler.device)  # (B, H, W, 3) uint8
+    x = x.permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
+    y = upscaler.upscale_tensor(x, scale)  # (B, 3, H*s, W*s) float32 on the device
+    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H*s, W*s, 3)
+
+
+class UpscaleBatch:
+    """Ray Data callable class: image rows in, upscaled image rows out; the model is loaded once, in ``__init__``.
+
+    8-bit colour images without alpha are grouped by size and each group runs as one batch (the bulk of most
+    collections); grey, 16-bit and alpha images go one at a time through :meth:`Upscaler.upscale_decoded`, which keeps
+    what they are. A group that fails (e.g. out of GPU memory) is retried image by image, so one image's problem
+    stays that image's failure.
+
+    Args:
+        model: a model, a checkpoint dict (:func:`~edsr_ray.models.model_checkpoint`), or a one-element list holding a
+            Ray object reference to one (the driver puts the weights in the object store once).
+        scale: the scale to upscale by (already checked against the model).
+        inference: :class:`~edsr_ray.config.InferenceConfig` fields (tile, self_ensemble, precision, max_pixels).
+        device: ``"cpu"``, ``"cuda"``, or None (CUDA when available).
+        threads: torch threads for CPU inference (None leaves torch's default).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        scale: int,
+        inference: Mapping[str, Any] | InferenceConfig | None = None,
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+    ):
+        from edsr_ray.inference import Upscaler
+        from edsr_ray.models import load_model
+
+        if isinstance(model, list):  # [ObjectRef]: a list, so that Ray hands it over unresolved
+            import ray
+
+            model = ray.get(model[0])
+        if not isinstance(model, torch.nn.Module):
+            model = load_model(model)
+        if threads is not None:
+            torch.set_num_threads(max(1, int(threads)))
+        if not isinstance(inference, InferenceConfig):
+            inference = from_dict(InferenceConfig, inference, source="inference settings")
+        self.scale = int(scale)
+        self.upscaler = Upscaler.from_config(model, inference, device=device)
+        logger.info("upscaling with %r", self.upscaler)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        records, buffers = _rows(table)
+        groups: dict[tuple[int, int], list[int]] = {}
+        singles: list[int] = []
+        for i, row in enumerate(records):
+            if row["reason"]:
+                continue
+            if row["bit_depth"] == 8 and not row["grey"] and not row["has_alpha"]:
+                groups.setdefault((row["pixel_height"], row["pixel_width"]), []).append(i)
+            else:
+                singles.append(i)
+        outputs: dict[int, DecodedImage] = {}
+        for members in groups.values():
+            if not self._group(members, records, buffers, outputs):
+                singles.extend(members)  # retried one by one below
+        for i in sorted(singles):
+            self._one(i, records, buffers, outputs)
+        for i, row in enumerate(records):
+            row["pixels"] = None
+            if i in outputs:
+                row.update(pack_image(outputs[i]))
+        return _image_table(records)
+
+    def _group(self, members: list[int], records: list[dict], buffers: list, outputs: dict) -> bool:
+        start = time.perf_counter()
+        try:
+            images = np.stack([unpack_image(records[i], buffers[i]).rgb for i in members])  # (B, H, W, 3) uint8
+            upscaled = upscale_rgb_batch(self.upscaler, images, self.scale)  # (B, H*s, W*s, 3)
+        except ITEM_ERRORS as exc:
+            if len(members) == 1:
+                records[members[0]]["reason"] = reason_of(exc, records[members[0]]["input"])
+                return True
+            logger.warning("a batch of %d images failed (%s); retrying them one by one", len(members), exc)
+            _free_cuda_cache()
+            return False
+        share = (time.perf_counter() - start) / len(members)
+        for i, rgb in zip(members, upscaled):
+            outputs[i] = DecodedImage(rgb, None, 8, False, records[i]["format"], str(records[i]["mode"]))
+            records[i]["seconds"] += share
+        return True
+
+    def _one(self, i: int, records: list[dict], buffers: list, outputs: dict) -> None:
+        start = time.perf_counter()
+        try:
+            outputs[i] = self.upscaler.upscale_decoded(unpack_image(records[i], buffers[i]), self.scale)
+        except ITEM_ERRORS as exc:
+            records[i]["reason"] = reason_of(exc, records[i]["input"])
+            _free_cuda_cache()
+        records[i]["seconds"] += time.perf_counter() - start
+
+
+def _free_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stage 3: encode + write (CPU tasks)
+
+
+def encode_output(image: DecodedImage, fmt: str, options: OutputOptions) -> bytes:
+    """Encode an upscaled image as ``fmt`` (png, jpeg or webp) with the options' quality and PNG compression."""
+    if fmt == "png" and options.png_compression == "small":
+        if image.bit_depth == 8 and not image.grey:
+            # encode_image would use fpng here; Pillow's own writer at its default level gives the small file.
+            from PIL import Image
+
+            pixels = image.rgb if image.alpha is None else np.dstack([image.rgb, image.alpha])  # (H, W, 3|4)
+            buffer = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, "PNG", compress_level=SMALL_PNG_LEVEL)
+            return buffer.getvalue()
+        return encode_image(image, "png", png_compress_level=SMALL_PNG_LEVEL)
+    return encode_image(image, fmt, quality=options.quality)
 
 
 def encode_and_write(
-    task: Task, image: DecodedImage, options: OutputOptions, output_uri: str, cfg: StorageConfig | None = None
+    dest: str, image: DecodedImage, options: OutputOptions, output_uri: str, cfg: StorageConfig | None = None
 ) -> int:
-    """Encode the upscaled image in the output's format and write it atomically; returns the bytes written."""
-    fmt = options.fmt if options.fmt != "same" else format_from_name(task.dest)
-    data = encode_image(image, fmt, quality=options.quality)
-    check_destination(task.dest, output_uri)
-    storage.write_bytes(task.dest, data, cfg)
+    """Encode the upscaled image in its output's format and write it atomically; returns the bytes written."""
+    fmt = options.fmt if options.fmt != "same" else format_from_name(dest)
+    data = encode_output(image, fmt, options)
+    check_destination(dest, output_uri)
+    storage.write_bytes(dest, data, cfg)
     return len(data)
 
 
-def process_task(
-    task: Task,
-    upscaler: Upscaler,
-    scale: int,
-    options: OutputOptions,
+def write_batch(
+    images: pa.Table,
+    *,
     output_uri: str,
-    cfg: StorageConfig | None = None,
-) -> Outcome:
-    """Read, decode, upscale, encode and write one image; a failure is returned as an outcome, not raised."""
+    options: Mapping[str, Any] | OutputOptions,
+    storage_config: Mapping[str, Any] | None = None,
+) -> pa.Table:
+    """Image rows → manifest rows: each upscaled image encoded here and written by a few threads (so uploads overlap
+    the next encode); rows that failed earlier, or fail now, become ``failed`` rows with their reason."""
+    opts = _output_options(options)
+    cfg = _storage_cfg(storage_config)
+    records, buffers = _rows(images)
+    rows: list[dict[str, Any]] = []
+    pending: list[tuple[dict[str, Any], Any, float]] = []
+    with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, len(records)))) as pool:
+        for rec, pixels in zip(records, buffers):
+            row = {k: rec.get(k) for k in ("input", "output", "reason", "width", "height", "input_bytes", "seconds")}
+            rows.append(row)
+            if row["reason"]:
+                continue
+            start = time.perf_counter()
+            try:
+                fmt = opts.fmt if opts.fmt != "same" else format_from_name(row["output"])
+                data = encode_output(unpack_image(rec, pixels), fmt, opts)
+                check_destination(row["output"], output_uri)
+            except ITEM_ERRORS as exc:
+                row["reason"] = reason_of(exc, row["input"])
+                continue
+            row["bytes"] = len(data)
+            pending.append((row, pool.submit(_timed_write, row["output"], data, cfg), time.perf_counter() - start))
+        for row, future, encode_s in pending:
+            error, write_s = future.result()
+            row["seconds"] = float(row["seconds"] or 0.0) + encode_s + write_s
+            if error is not None:
+                row["reason"], row["bytes"] = reason_of(error, row["input"]), None
+    for row in rows:
+        row["status"] = "failed" if row["reason"] else "ok"
+    return manifest_table(rows)
+
+
+def _timed_write(dest: str, data: bytes, cfg: StorageConfig | None) -> tuple[BaseException | None, float]:
     start = time.perf_counter()
     try:
-        image = read_and_decode(task, options, cfg)
-        upscaled = upscaler.upscale_decoded(image, scale)
-        encode_and_write(task, upscaled, options, output_uri, cfg)
-    except _ITEM_ERRORS as exc:
-        reason = str(exc) if isinstance(exc, EdsrRayError) else f"{type(exc).__name__}: {exc}"
-        # Image and storage errors already name the input; others get it added.
-        logger.warning("failed: %s", reason if task.source in reason else f"{task.source}: {reason}")
-        return Outcome(task.source, task.dest, "failed", reason, 0, time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    logger.debug("%s -> %s (%dx%d) in %.2f s", task.source, task.dest, image.width, image.height, seconds)
-    return Outcome(task.source, task.dest, "done", "", image.width * image.height, seconds)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# A whole run
-
-
-def run_upscale(
-    model_source: str,
-    input_uri: str,
-    output_uri: str,
-    *,
-    scale: int | None = None,
-    inference: InferenceConfig | None = None,
-    options: OutputOptions | None = None,
-    device: str | None = None,
-    cfg: StorageConfig | None = None,
-) -> Summary:
-    """Upscale every image below ``input_uri`` into ``output_uri`` with the model at ``model_source``.
-
-    Errors that make the whole run impossible (model missing or not EDSR/MDSR, scale not served by the model,
-    input location missing) are raised before any image is touched; per-image problems end up in the summary.
-    """
-    from edsr_ray.models import load_model
-
-    inference = inference or InferenceConfig()
-    options = options or OutputOptions(max_pixels=inference.max_pixels)
-    if not storage.is_s3(output_uri) and os.path.exists(output_uri) and not os.path.isdir(output_uri):
-        raise StorageError(f"--output {output_uri} is a file; expected a folder (created when missing)")
-    model = load_model(model_source, storage=cfg)
-    scale = resolve_scale(model, scale)
-    upscaler = Upscaler.from_config(model, inference, device=device)
-    tasks, collisions = plan_tasks(input_uri, output_uri, options.fmt, cfg)
-    if not tasks and not collisions:
-        logger.warning("no images (%s) found in %s", ", ".join(IMAGE_SUFFIXES), input_uri)
-    existing = existing_outputs(output_uri, cfg)
-    logger.info("%d images to consider with %r at x%d", len(tasks), upscaler, scale)
-
-    summary = Summary(outcomes=list(collisions))
-    for outcome in collisions:
-        logger.warning("failed: %s: %s", outcome.source, outcome.reason)
-    start = last_report = time.perf_counter()
-    for i, task in enumerate(tasks, start=1):
-        if task.dest in existing:
-            summary.outcomes.append(Outcome(task.source, task.dest, "skipped"))
-        else:
-            summary.outcomes.append(process_task(task, upscaler, scale, options, output_uri, cfg))
-        now = time.perf_counter()
-        if now - last_report >= PROGRESS_EVERY_S:
-            last_report = now
-            logger.info("%d/%d images, %.2f img/s", i, len(tasks), summary.count("done") / (now - start))
-    summary.seconds = time.perf_counter() - start
-    return summary
+        storage.write_bytes(dest, data, cfg)
+        return None, time.perf_counter() - start
+    except ITEM_ERRORS as exc:
+        return exc, time.perf_counter() - start

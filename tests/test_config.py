@@ -115,3 +115,11 @@ def test_flatten_and_apply_overrides_do_not_mutate():
     flat = flatten(from_dict(ExperimentConfig, out))
     assert flat["train.lr"] == 3e-4 and flat["model.n_feats"] == 8
     assert TrainConfig().lr == 1e-4
+
+
+def test_readme_configuration_reference_is_current():
+    from edsr_ray.config import splice_reference
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert splice_reference(readme) == readme, "run: python -m edsr_ray.config --write README.md"
+    assert "| `patch_size` | int | `48` |" in readme

@@ -712,7 +712,7 @@ def test_load_from_the_mlflow_registry(tmp_path, monkeypatch, lr_input):
     monkeypatch.setenv("EDSR_RAY_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking.resolve_tracking_uri()
-    run_id = tracking.find_or_create_run(TrackingConfig(experiment="models-test"), "runs/m", "m", uri)
+    run_id = tracking.find_or_create_run(TrackingConfig(experiment="models-test"), "runs/m", "m", uri, resume=False)
     logger = tracking.RunLogger(run_id, uri)
     model = _randomised(models.MDSR(1, TINY_F, (2, 3)))
     logger.log_model_file(models.save_model(model, tmp_path / "model.pt"))

@@ -99,6 +99,7 @@ def _config(name: str, **sections) -> ExperimentConfig:
         "workers": {"num_workers": 2, "cpus_per_worker": 1},
         "run": {"name": name, "storage_path": "s3://edsr/train-tests/runs", "max_failures": 0},
         "tracking": {"experiment": "train-tests", "registered_model": f"{name}-model"},
+        "storage": {},
     }
     for section, values in sections.items():
         data[section] = {**data[section], **values}
