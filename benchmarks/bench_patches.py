@@ -141,9 +141,13 @@ def generate(folder: Path, count: int, width: int, height: int) -> list[int]:
 # Measurements
 
 
-def tree_cpu_seconds(root: int | None = None) -> float | None:
-    """CPU seconds (user + system, including reaped children) used so far by this process and all its descendants:
-    the Ray processes of a local instance and the S3 server are children of this one. None where /proc is missing."""
+Snapshot = dict[tuple[int, int], float]
+
+
+def cpu_snapshot(root: int | None = None) -> Snapshot | None:
+    """CPU seconds (user + system, all threads) used so far by this process and each of its descendants - the Ray
+    processes of a local instance and the S3 server are children of this one - keyed by (pid, start time) so a
+    reused pid is not mistaken for the same process. None where /proc is missing."""
     root = os.getpid() if root is None else root
     tick = os.sysconf("SC_CLK_TCK")
     parent, used = {}, {}
@@ -157,17 +161,28 @@ def tree_cpu_seconds(root: int | None = None) -> float | None:
         except OSError:
             continue  # exited meanwhile
         fields = stat[stat.rindex(")") + 2 :].split()  # fields from 3 (state) on; the name may contain spaces
-        parent[int(entry)] = int(fields[1])
-        used[int(entry)] = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+        pid = int(entry)
+        parent[pid] = int(fields[1])
+        used[pid] = ((pid, int(fields[19])), (int(fields[11]) + int(fields[12])) / tick)  # starttime; utime + stime
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)
-    total, stack = 0, [root]
+    out, stack = {}, [root]
     while stack:
         pid = stack.pop()
-        total += used.get(pid, 0)
+        if pid in used:
+            key, seconds = used[pid]
+            out[key] = seconds
         stack += children.get(pid, [])
-    return total / tick
+    return out
+
+
+def cpu_between(before: Snapshot | None, after: Snapshot | None) -> float | None:
+    """CPU seconds used between two snapshots by the processes alive at the second one (processes that exited in
+    between are left out rather than counted negative; Ray keeps its workers, so that loses little)."""
+    if before is None or after is None:
+        return None
+    return sum(seconds - before.get(key, 0.0) for key, seconds in after.items())
 
 
 @dataclass
@@ -196,11 +211,11 @@ class Rate:
 @contextmanager
 def measure(rate: Rate) -> Iterator[Rate]:
     """Add the wall-clock and process-tree CPU time of the block to ``rate``."""
-    cpu0, t0 = tree_cpu_seconds(), time.perf_counter()
+    before, t0 = cpu_snapshot(), time.perf_counter()
     yield rate
-    cpu1 = tree_cpu_seconds()
+    used = cpu_between(before, cpu_snapshot())
     rate.wall_s += time.perf_counter() - t0
-    rate.cpu_s = None if cpu0 is None or cpu1 is None or rate.cpu_s is None else rate.cpu_s + cpu1 - cpu0
+    rate.cpu_s = None if used is None or rate.cpu_s is None else rate.cpu_s + used
 
 
 def naive_loop(images: list[tuple[str, str]], count: int, patch: int, scale: int) -> Rate:

@@ -191,7 +191,7 @@ class LocalCluster:
             raise LocalClusterError(
                 f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set and would win over this cluster; unset it first"
             )
-        return ray.init(address="auto", _temp_dir=str(self.temp_dir), **init_kwargs)
+        return ray.init(address="auto", _temp_dir=str(self._node_dir(self.head)), **init_kwargs)
 
     def auth_headers(self) -> dict[str, str]:
         """HTTP headers for the dashboard and Jobs API (``JobSubmissionClient(url, headers=...)``)."""
@@ -254,7 +254,9 @@ class LocalCluster:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
+        started = time.monotonic()
         _stop_nodes(self._nodes, os.getpid(), timeout_s)
+        log.info("local Ray cluster stopped in %.1f s", time.monotonic() - started)
         if self._own_temp_dir and self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -301,7 +303,7 @@ class LocalCluster:
             f"--num-cpus={spec.num_cpus}",
             "--num-gpus=0",
             f"--object-store-memory={spec.object_store_mb * 2**20}",
-            f"--temp-dir={self.temp_dir}",
+            f"--temp-dir={self._node_dir(node)}",
             f"--dashboard-agent-listen-port={ports['agent_http']}",
             f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
             f"--metrics-export-port={ports['metrics_export']}",
@@ -326,6 +328,15 @@ class LocalCluster:
         else:
             argv.append(f"--address={self.address}")
         return argv
+
+    def _node_dir(self, node: _Node) -> Path:
+        """Ray's temp dir for one node. Each node needs its own, as separate machines would have: a node's runtime-env
+        agent deletes a job's unpacked working dir from its session folder when it no longer needs it, even while a
+        job on another node sharing the folder still runs in it."""
+        assert self.temp_dir is not None
+        path = self.temp_dir / node.name
+        path.mkdir(exist_ok=True)
+        return path
 
     def _start_node(self, ray: str, node: _Node, started: float) -> None:
         names = (*(_HEAD_PORTS if node.head else ()), *_NODE_PORTS)

@@ -276,7 +276,7 @@ def plan_tasks(
     """Tasks for every input, in sorted order, plus the inputs that cannot be written, with the reason.
 
     Two inputs that would write the same output (``a.jpg`` and ``a.png`` with ``--format png``) cannot both be
-    written: the second is refused. So are keys that would collide with the run's own reports.
+    written: the second is refused. (Outputs are always images, so they never collide with the run's reports.)
     """
     tasks, refused, seen = [], [], {}
     for source, key in sorted(list_inputs(input_uri, output_uri, cfg), key=lambda p: p[1]):
@@ -287,9 +287,7 @@ def plan_tasks(
             refused.append((Task(source, key, ""), str(exc)))
             continue
         task = Task(source, key, dest)
-        if out_key in (MANIFEST_NAME, SUMMARY_NAME):
-            refused.append((task, f"its output name {out_key} is reserved for the run's report"))
-        elif dest in seen:
+        if dest in seen:
             refused.append((task, f"its output {dest} is also the output of {seen[dest]}"))
         else:
             seen[dest] = source

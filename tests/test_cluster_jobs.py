@@ -26,6 +26,7 @@ must show FAILED. More jobs: call :func:`submit_and_wait` with the entry point a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from edsr_ray import storage, tracking
 from edsr_ray.localcluster import LocalCluster, NodeSpec, find_ray
 
 pytestmark = pytest.mark.slow
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "s3://edsr/cluster-jobs"
@@ -77,6 +79,7 @@ class JobRun:
     status: str
     message: str
     logs: str
+    seconds: float
 
 
 def submit_job(cluster: LocalCluster, entrypoint: Sequence[str], env_vars: Mapping[str, str]) -> str:
@@ -104,14 +107,17 @@ def submit_job(cluster: LocalCluster, entrypoint: Sequence[str], env_vars: Mappi
 def wait_for_job(cluster: LocalCluster, job_id: str, timeout_s: float = 600) -> JobRun:
     """Poll the Jobs API until the job reaches a terminal status."""
     client = cluster.job_client()
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = start + timeout_s
     while not (status := client.get_job_status(job_id)).is_terminal():
         if time.monotonic() > deadline:
             client.stop_job(job_id)
             pytest.fail(f"job {job_id} still {status} after {timeout_s:.0f} s:\n{client.get_job_logs(job_id)[-4000:]}")
         time.sleep(1)
     info = client.get_job_info(job_id)
-    return JobRun(job_id, str(status.value), info.message or "", client.get_job_logs(job_id))
+    run = JobRun(job_id, str(status.value), info.message or "", client.get_job_logs(job_id), time.monotonic() - start)
+    log.info("job %s: %s after %.1f s of waiting", job_id, run.status, run.seconds)
+    return run
 
 
 def submit_and_wait(

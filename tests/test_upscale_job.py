@@ -1,27 +1,64 @@
-"""The upscale command (jobs/upscale.py) end to end, and the library behind it (edsr_ray.upscaling).
+"""The upscale job (jobs/upscale.py) and the library behind it (edsr_ray.upscaling stages, edsr_ray.batch runs).
 
-The command runs as a real subprocess on a folder tree of real photos plus a corrupt file; its outputs are compared
-pixel for pixel with ``edsr_ray.inference`` on the same decoded inputs.
+Real services only: the embedded S3 server and a small local Ray instance shared by the module. Collections of real
+photos in several sizes and modes (RGB, grey, RGBA, 16-bit PNG, JPEG, EXIF-rotated JPEG, WebP) plus broken files go
+through the Ray Data pipeline and the in-process (--local) run; every output is compared pixel for pixel with
+``edsr_ray.inference`` on the same decoded input, and every bad file must be in the manifest with its reason.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import signal
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
+from edsr_ray import storage
+from edsr_ray.batch import (
+    CPU_ACTOR_ENV,
+    ComputeOptions,
+    Progress,
+    Summary,
+    model_workers,
+    run_upscale,
+)
 from edsr_ray.config import InferenceConfig
 from edsr_ray.errors import ConfigError, StorageError
 from edsr_ray.imaging import DecodedImage, decode_image, encode_image
 from edsr_ray.inference import upscale, upscale_decoded
 from edsr_ray.models import EDSR, MDSR, save_model
 from edsr_ray.samples import photo_bytes
-from edsr_ray.upscaling import OutputOptions, Task, encode_and_write, output_key, plan_tasks, run_upscale
+from edsr_ray.upscaling import (
+    MANIFEST_NAME,
+    SUMMARY_NAME,
+    OutputOptions,
+    UpscaleBatch,
+    decode_batch,
+    encode_and_write,
+    encode_output,
+    manifest_table,
+    output_key,
+    pack_image,
+    plan_tasks,
+    read_list_file,
+    relative_keys,
+    remove_stale_temp_files,
+    tasks_table,
+    unpack_image,
+)
 
 ROOT = Path(__file__).parents[1]
 JOB = ROOT / "jobs" / "upscale.py"
@@ -53,68 +90,287 @@ def model(model_file):
 
 
 @pytest.fixture(scope="module")
+def ray_cluster(s3):
+    """A small local Ray on loopback, started after the S3 variables are set, so its workers reach the server."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=3,
+        object_store_memory=250 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Collections of real photos and broken files
+
+
+def _crop(photos, name: str, h: int, w: int, top: int = 0) -> np.ndarray:
+    return np.ascontiguousarray(photos[name][top : top + h, :w])
+
+
+def _grey(photos, name: str, h: int, w: int) -> np.ndarray:
+    return _crop(photos, name, h, w).mean(axis=2).round().astype(np.uint8)  # (h, w)
+
+
+def _jpeg(array: np.ndarray, orientation: int | None = None) -> bytes:
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(array).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels (never decoded: refused by its header)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def good_images(photos) -> dict[str, bytes]:
+    """Mixed sizes and modes; two of one size, so they share a model batch."""
+    alpha = np.linspace(0, 255, 64 * 80).reshape(64, 80).astype(np.uint8)
+    noise = (np.arange(48 * 64 * 3, dtype=np.uint16) % 251).reshape(48, 64, 3)  # uses the 16 bits
+    deep = _crop(photos, "coffee", 48, 64).astype(np.uint16) * 256 + noise
+    webp = io.BytesIO()
+    Image.fromarray(_crop(photos, "rocket", 40, 52)).save(webp, "WEBP", quality=90)
+    return {
+        "chelsea.png": photo_bytes("chelsea.png"),  # RGB 300x451
+        "same/a.png": encode_image(_crop(photos, "coffee", 64, 96)),
+        "same/b.png": encode_image(_crop(photos, "astronaut", 64, 96)),
+        "nested/camera.png": photo_bytes("camera.png"),  # grey 512x512
+        "nested/rgba.png": encode_image(np.dstack([_crop(photos, "astronaut", 64, 80, 100), alpha])),
+        "nested/deep16.png": encode_image(deep),  # 16-bit RGB
+        "photo.jpg": _jpeg(_crop(photos, "chelsea", 72, 88)),
+        "rotated.jpg": _jpeg(_crop(photos, "coffee", 40, 60), orientation=6),  # shown as 60 high, 40 wide
+        "small.webp": webp.getvalue(),
+    }
+
+
+def bad_images(photos) -> dict[str, tuple[bytes, str]]:
+    """Broken inputs and the words their failure reason must contain."""
+    png = bytearray(encode_image(_crop(photos, "coffee", 32, 32)))
+    png[len(png) // 2] ^= 0xFF  # inside the image data: its checksum no longer matches
+    floats = io.BytesIO()
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), mode="F").save(floats, "TIFF")
+    return {
+        "bad/corrupt.png": (bytes(png), "checksum mismatch"),
+        "bad/truncated.jpg": (photo_bytes("rocket.jpg")[:2000], "truncated"),
+        "bad/empty.png": (b"", "empty file"),
+        "bad/notes.jpg": (b"just some text, not a picture\n" * 4, "not a recognised image format"),
+        "bad/bomb.png": (_png_bomb(30000, 30000), "exceeds the limit"),
+        "bad/float.tif": (floats.getvalue(), "floating-point samples"),
+    }
+
+
+def expected_output(model, data: bytes) -> DecodedImage:
+    """What the job must write for an input: the shared inference path on the same decoded image."""
+    source = decode_image(data)
+    if source.bit_depth == 8 and not source.grey and source.alpha is None:
+        return DecodedImage(upscale(model, source.rgb, 2), None, 8, False)
+    return upscale_decoded(model, source, 2)
+
+
+def assert_same_image(result: DecodedImage, expected: DecodedImage, key: str) -> None:
+    assert result.rgb.shape == expected.rgb.shape, key
+    assert result.bit_depth == expected.bit_depth and result.grey == expected.grey, key
+    np.testing.assert_array_equal(result.rgb, expected.rgb, err_msg=key)
+    assert (result.alpha is None) == (expected.alpha is None), key
+    if expected.alpha is not None:
+        np.testing.assert_array_equal(result.alpha, expected.alpha, err_msg=key)
+
+
+def _objects(prefix: str) -> dict[str, dict]:
+    """key (relative to prefix) -> {ETag, LastModified, Size} for every object below an s3:// prefix."""
+    bucket, key = storage.split_s3(prefix)
+    client = storage.s3_client()
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key.rstrip("/") + "/"):
+        for obj in page.get("Contents", []):
+            out[obj["Key"][len(key.rstrip("/")) + 1 :]] = {k: obj[k] for k in ("ETag", "LastModified", "Size")}
+    return out
+
+
+def _upload(prefix: str, files: dict[str, bytes]) -> None:
+    for key, data in files.items():
+        storage.write_bytes(storage.join(prefix, key), data)
+
+
+def _manifest(output: str) -> list[dict]:
+    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, MANIFEST_NAME)))).to_pylist()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The Ray pipeline against the embedded S3
+
+
+@pytest.mark.slow
+def test_s3_collection_through_the_ray_pipeline(ray_cluster, model_file, model, photos):
+    good, bad = good_images(photos), bad_images(photos)
+    src, out = "s3://edsr/upscale/in", "s3://edsr/upscale/out"
+    _upload(src, {**good, **{k: v for k, (v, _) in bad.items()}})
+    options = OutputOptions(fmt="png")
+    compute = ComputeOptions(workers=1)
+
+    summary = run_upscale(str(model_file), src, out, options=options, compute=compute, progress=False)
+    assert (summary.count("ok"), summary.count("skipped"), summary.count("failed")) == (len(good), 0, len(bad))
+    assert summary.exit_code(0) == 1 and summary.exit_code(len(bad)) == 0
+    pixels = sum(decode_image(d).width * decode_image(d).height for d in good.values())
+    assert summary.megapixels == pytest.approx(pixels / 1e6)
+
+    objects = _objects(out)
+    wanted = {output_key(k, "png") for k in good}
+    assert set(objects) == wanted | {MANIFEST_NAME, SUMMARY_NAME}, "the outputs and the reports, nothing else"
+    for key, data in good.items():
+        result = decode_image(storage.read_bytes(storage.join(out, output_key(key, "png"))))
+        source = decode_image(data)
+        assert (result.height, result.width) == (2 * source.height, 2 * source.width), key
+        assert_same_image(result, expected_output(model, data), key)
+    rotated = decode_image(storage.read_bytes(storage.join(out, "rotated.png")))
+    assert (rotated.height, rotated.width) == (120, 80), "EXIF orientation applied before upscaling"
+
+    rows = {r["input"]: r for r in _manifest(out)}
+    assert len(rows) == len(good) + len(bad)
+    for key, (_, words) in bad.items():
+        row = rows[storage.join(src, key)]
+        assert row["status"] == "failed" and words in row["reason"] and key in row["reason"], row
+        assert row["bytes"] is None
+    for key in good:
+        row = rows[storage.join(src, key)]
+        assert row["status"] == "ok" and row["reason"] == "" and row["seconds"] > 0, row
+        assert row["output"] == storage.join(out, output_key(key, "png"))
+        assert row["bytes"] == objects[output_key(key, "png")]["Size"] and row["input_bytes"] == len(good[key])
+        assert (row["width"], row["height"]) == (decode_image(good[key]).width, decode_image(good[key]).height)
+    report = json.loads(storage.read_bytes(storage.join(out, SUMMARY_NAME)))
+    assert (report["written"], report["failed"], report["exit_code"]) == (len(good), len(bad), 1)
+    assert report["settings"]["mode"] == "ray" and report["settings"]["scale"] == 2
+
+    # A second run finds every output in its one listing and writes none of them again; bad inputs fail again.
+    again = run_upscale(str(model_file), src, out, options=options, compute=compute, progress=False)
+    assert (again.written, again.count("skipped"), again.count("failed")) == (0, len(good), len(bad))
+    after = _objects(out)
+    assert {k: after[k] for k in wanted} == {k: objects[k] for k in wanted}, "no image object rewritten"
+    assert json.loads(storage.read_bytes(storage.join(out, SUMMARY_NAME)))["written"] == 0
+    assert {r["status"] for r in _manifest(out) if r["input"].endswith(tuple(good))} == {"skipped"}
+
+
+@pytest.mark.slow
+def test_local_folder_to_local_folder_through_ray(ray_cluster, model_file, model, photos, tmp_path):
+    good, bad = good_images(photos), bad_images(photos)
+    src, out = tmp_path / "in", tmp_path / "out"
+    for key, data in {**good, **{k: v for k, (v, _) in bad.items()}}.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    (out / "nested").mkdir(parents=True)
+    stale = out / "nested" / ".rgba.png.k3j4.edsr-tmp"  # what a killed run leaves behind
+    stale.write_bytes(b"half an image")
+
+    summary = run_upscale(
+        str(model_file), str(src), str(out), compute=ComputeOptions(workers=1, batch_size=3), progress=False
+    )
+    assert (summary.written, summary.count("failed"), summary.removed_temp_files) == (len(good), len(bad), 1)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == sorted([*(output_key(k, "same") for k in good), MANIFEST_NAME, SUMMARY_NAME])
+    for key, data in good.items():
+        result = decode_image((out / output_key(key, "same")).read_bytes())
+        if key.endswith(".png"):  # lossless: exactly the shared inference path
+            assert_same_image(result, expected_output(model, data), key)
+        else:  # "same" format: JPEG stays JPEG, WebP stays WebP, at twice the size
+            assert result.format == decode_image(data).format and result.width == 2 * decode_image(data).width
+    assert decode_image((out / "nested" / "deep16.png").read_bytes()).bit_depth == 16
+    assert decode_image((out / "nested" / "camera.png").read_bytes()).grey
+
+
+def _job_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.slow
+def test_killed_job_rerun_completes_every_output_exactly_once(ray_cluster, model_file, model, photos):
+    """The command as a subprocess on the module's Ray cluster, killed with SIGKILL once a few outputs exist, then run
+    again: the second run writes exactly what is missing, and no partial or temporary object is ever left."""
+    names = ("astronaut", "coffee", "chelsea", "rocket")
+    inputs = {f"kill/{i:02d}.png": encode_image(_crop(photos, names[i % 4], 160, 224, 8 * i)) for i in range(32)}
+    inputs["kill/zz-broken.png"] = b"\x89PNG\r\n\x1a\n broken"
+    src, out = "s3://edsr/killed/in", "s3://edsr/killed/out"
+    _upload(src, inputs)
+    args = [str(JOB), "--model", str(model_file), "--input", src, "--output", out]
+    args += ["--format", "png", "--workers", "1", "--batch-size", "1", "-q"]
+    env = _job_env(RAY_ADDRESS=ray_cluster)
+
+    t0 = time.monotonic()
+    first = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    seen: dict[str, dict] = {}
+    while time.monotonic() < deadline and first.poll() is None:
+        seen = _objects(out)
+        if len(seen) >= 3:
+            break
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    assert 3 <= len(seen) < 32 and SUMMARY_NAME not in seen, f"killed with {len(seen)} outputs written"
+    print("TIMING killed", time.monotonic() - t0, len(seen))
+
+    second = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
+    assert second.returncode == 1, second.stderr  # the broken file
+    print("TIMING second", time.monotonic() - t0)
+    print(second.stderr)
+    line = second.stdout.strip().splitlines()[-1]
+    report = json.loads(storage.read_bytes(storage.join(out, SUMMARY_NAME)))
+    assert report["skipped"] >= len(seen) and report["written"] + report["skipped"] == 32, report
+    assert f"upscaled {report['written']} images" in line and "1 failed" in line, line
+
+    objects = _objects(out)
+    assert set(objects) == {k for k in inputs if "broken" not in k} | {
+        MANIFEST_NAME,
+        SUMMARY_NAME,
+    }
+    for key, data in inputs.items():
+        if "broken" not in key:
+            result = decode_image(storage.read_bytes(storage.join(out, key)))
+            assert_same_image(result, expected_output(model, data), key)
+
+    # Exit 0 when the failure is within the budget; nothing left to write.
+    assert _main([*args[1:], "--allow-failures", "1"]) == 0
+    assert json.loads(storage.read_bytes(storage.join(out, SUMMARY_NAME)))["written"] == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command in-process (--local) and its errors
+
+
+@pytest.fixture(scope="module")
 def photo_tree(tmp_path_factory, photos) -> Path:
     """Real photos in nested folders (RGB PNG, JPEG, grey PNG, RGBA PNG), a truncated PNG and a text file."""
     root = tmp_path_factory.mktemp("photos")
     (root / "nested" / "deeper").mkdir(parents=True)
     (root / "chelsea.png").write_bytes(photo_bytes("chelsea.png"))
-    crop = np.ascontiguousarray(photos["coffee"][:120, :160])
-    (root / "nested" / "deeper" / "coffee.png").write_bytes(encode_image(crop))
+    (root / "nested" / "deeper" / "coffee.png").write_bytes(encode_image(_crop(photos, "coffee", 120, 160)))
     (root / "nested" / "rocket.jpg").write_bytes(photo_bytes("rocket.jpg"))
     (root / "nested" / "camera.png").write_bytes(photo_bytes("camera.png"))  # greyscale
     alpha = np.linspace(0, 255, 80 * 64).reshape(64, 80).astype(np.uint8)
-    rgba = np.dstack([photos["astronaut"][:64, :80], alpha])
-    (root / "nested" / "rgba.png").write_bytes(encode_image(rgba))
+    (root / "nested" / "rgba.png").write_bytes(encode_image(np.dstack([_crop(photos, "astronaut", 64, 80), alpha])))
     (root / "nested" / "broken.png").write_bytes(photo_bytes("coffee.png")[:3000])
     (root / "notes.txt").write_text("not an image")
     return root
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}  # as in this process (one_thread)
-    return subprocess.run([sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, env=_job_env())
 
 
-@pytest.mark.slow
-def test_command_upscales_a_folder_tree(model_file, model, photo_tree, tmp_path):
-    out = tmp_path / "out"
-    args = ("--model", model_file, "--input", photo_tree, "--output", out, "--format", "png")
-    first = _run(*args)
-    assert first.returncode == 1, first.stderr  # the broken file failed
-    assert "broken.png" in first.stderr and "truncated" in first.stderr
-    assert "upscaled 5 images" in first.stdout and "1 failed" in first.stdout, first.stdout
-    assert "Traceback" not in first.stderr
-
-    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert written == sorted(output_key(k, "png") for k in GOOD), "same relative paths, nothing else (no temp files)"
-    for key in GOOD:
-        source = decode_image((photo_tree / key).read_bytes())
-        result = decode_image((out / output_key(key, "png")).read_bytes())
-        assert (result.height, result.width) == (2 * source.height, 2 * source.width), key
-        expected = upscale_decoded(model, source, 2)
-        np.testing.assert_array_equal(result.rgb, expected.rgb, err_msg=key)
-        assert result.grey == source.grey and (result.alpha is None) == (source.alpha is None), key
-        if not source.grey:
-            np.testing.assert_array_equal(result.rgb, upscale(model, source.rgb, 2), err_msg=key)
-    assert decode_image((out / "nested" / "camera.png").read_bytes()).grey
-
-    # A second run finds every output and writes nothing; the corrupt file still fails unless allowed.
-    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    again = _run(*args, "--allow-failures", 1)
-    assert again.returncode == 0, again.stderr
-    assert "upscaled 0 images" in again.stdout and "skipped 5 existing" in again.stdout and "1 failed" in again.stdout
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
-
-
-def test_missing_model_is_one_clear_line(photo_tree, tmp_path):
-    result = _run("--model", tmp_path / "nope.pt", "--input", photo_tree, "--output", tmp_path / "out")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "nope.pt" in lines[0], result.stderr
-    assert not (tmp_path / "out").exists()
-
-
-def _main(argv: list[str]) -> int:
+def _main(argv: list) -> int:
     from importlib.util import module_from_spec, spec_from_file_location
 
     spec = spec_from_file_location("upscale_job", JOB)
@@ -123,23 +379,64 @@ def _main(argv: list[str]) -> int:
     return job.main([str(a) for a in argv])
 
 
-def test_bad_model_file_and_scale_errors(photo_tree, model_file, tmp_path, capsys):
+@pytest.mark.slow
+def test_local_command_upscales_a_folder_tree(model_file, model, photo_tree, tmp_path):
+    out = tmp_path / "out"
+    args = ("--model", model_file, "--input", photo_tree, "--output", out, "--format", "png", "--local")
+    first = _run(*args)
+    assert first.returncode == 1, first.stderr  # the broken file failed
+    assert "broken.png" in first.stderr and "truncated" in first.stderr
+    assert "upscaled 5 images" in first.stdout and "1 failed" in first.stdout, first.stdout
+    assert "Traceback" not in first.stderr
+
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    expected = sorted([*(output_key(k, "png") for k in GOOD), MANIFEST_NAME, SUMMARY_NAME])
+    assert written == expected, "same relative paths, the reports, nothing else (no temp files)"
+    for key in GOOD:
+        data = (photo_tree / key).read_bytes()
+        assert_same_image(decode_image((out / output_key(key, "png")).read_bytes()), expected_output(model, data), key)
+    assert decode_image((out / "nested" / "camera.png").read_bytes()).grey
+    assert json.loads((out / SUMMARY_NAME).read_text())["settings"]["mode"] == "local"
+
+    # A second run finds every output and writes nothing; the corrupt file still fails unless allowed.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    again = _run(*args, "--allow-failures", 1)
+    assert again.returncode == 0, again.stderr
+    assert "upscaled 0 images" in again.stdout and "skipped 5 existing" in again.stdout and "1 failed" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == mtimes
+
+
+def test_missing_model_is_one_clear_line(photo_tree, tmp_path):
+    result = _run("--model", tmp_path / "nope.pt", "--input", photo_tree, "--output", tmp_path / "out", "--local")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nope.pt" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_model_file_scale_and_options_errors(photo_tree, model_file, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
     mdsr = tmp_path / "mdsr.pt"
     save_model(MDSR(1, 8, (2, 4)), mdsr)
+    (tmp_path / "afile").write_text("x")
     cases = [
         (["--model", bad], "bad.pt"),
         (["--model", model_file, "--scale", 3], "scale 3"),
         (["--model", mdsr], "[2, 4]"),
         (["--model", model_file, "--tile", 2], "tile"),
         (["--model", model_file, "--input", tmp_path / "missing"], "missing"),
+        (["--model", model_file, "--output", tmp_path / "afile"], "is a file"),
+        (["--model", model_file, "--workers", 0], "workers"),
+        (["--model", model_file, "--quality", 0], "quality"),
+        (["--model", model_file, "--allow-failures", -1], "allow_failures"),
     ]
     for extra, needle in cases:
-        argv = ["--input", photo_tree, "--output", tmp_path / "out", *extra]
+        argv = ["--input", photo_tree, "--output", tmp_path / "out", "--local", "-q", *extra]
         assert _main(argv) == 2, extra
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and needle in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_mdsr_scale_picks_the_branch(photo_tree, tmp_path, capsys):
@@ -148,7 +445,7 @@ def test_mdsr_scale_picks_the_branch(photo_tree, tmp_path, capsys):
     path = tmp_path / "mdsr.pt"
     save_model(mdsr, path)
     argv = ["--model", path, "--input", photo_tree / "nested" / "rgba.png", "--output", tmp_path, "--scale", 4]
-    assert _main(argv) == 0
+    assert _main([*argv, "--local", "-q"]) == 0
     assert "upscaled 1 images" in capsys.readouterr().out
     source = decode_image((photo_tree / "nested" / "rgba.png").read_bytes())
     result = decode_image((tmp_path / "rgba.png").read_bytes())
@@ -156,8 +453,52 @@ def test_mdsr_scale_picks_the_branch(photo_tree, tmp_path, capsys):
     np.testing.assert_array_equal(result.alpha, upscale_decoded(mdsr, source, 4).alpha)
 
 
+def test_list_files_local_and_s3_entries_same_format_and_quality(s3, model_file, model, photo_tree, photos, tmp_path):
+    """A text list mixing relative paths, an absolute path and an S3 URI; a Parquet list with a ``uri`` column."""
+    storage.write_bytes("s3://edsr/lists/far/away.png", encode_image(_crop(photos, "chelsea", 40, 48)))
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(
+        "# photos to upscale\n"
+        f"{os.path.relpath(photo_tree / 'nested' / 'rocket.jpg', tmp_path)}\n\n"
+        f"{photo_tree / 'nested' / 'rgba.png'}\n"
+        f"{photo_tree / 'nested' / 'rgba.png'}\n"  # listed twice: upscaled once
+        "s3://edsr/lists/far/away.png\n"
+        f"{photo_tree / 'nested' / 'broken.png'}\n"
+    )
+    out = tmp_path / "out"
+    summary = run_upscale(
+        str(model_file),
+        str(listing),
+        str(out),
+        options=OutputOptions(fmt="same", quality=80),
+        inference=InferenceConfig(tile=32),
+        compute=ComputeOptions(local=True),
+        allow_failures=1,
+        progress=False,
+    )
+    assert (summary.written, summary.count("failed"), summary.exit_code(1), summary.exit_code(0)) == (3, 1, 0, 1)
+    assert "broken.png" in summary.failures[0]["input"] and "truncated" in summary.failures[0]["reason"]
+    # Local and S3 entries share no folder: keys keep everything below the root / the bucket.
+    local_root = str(photo_tree).lstrip("/")
+    assert (out / local_root / "nested" / "rocket.jpg").exists() and (out / "edsr/lists/far/away.png").exists()
+    assert decode_image((out / local_root / "nested" / "rocket.jpg").read_bytes()).format == "JPEG"
+    rgba = decode_image((out / local_root / "nested" / "rgba.png").read_bytes())
+    source = decode_image((photo_tree / "nested" / "rgba.png").read_bytes())
+    assert_same_image(rgba, upscale_decoded(model, source, 2, tile=32), "rgba, tiled")
+    assert summary.megapixels == pytest.approx((427 * 640 + 64 * 80 + 40 * 48) / 1e6)
+
+    parquet = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"uri": ["nested/camera.png", str(photo_tree / "chelsea.png")]}), parquet)
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "camera.png").write_bytes(photo_bytes("camera.png"))
+    assert read_list_file(str(parquet)) == [str(tmp_path / "nested" / "camera.png"), str(photo_tree / "chelsea.png")]
+    pq.write_table(pa.table({"name": ["x.png"]}), tmp_path / "wrong.parquet")
+    with pytest.raises(ConfigError, match="'path' or 'uri' column"):
+        read_list_file(str(tmp_path / "wrong.parquet"))
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# Library
+# Library pieces
 
 
 def test_output_names():
@@ -168,19 +509,136 @@ def test_output_names():
     assert output_key("scan.tiff", "same") == "scan.png"  # a format we do not write
 
 
-def test_plan_skips_the_output_folder_inside_the_input_and_reports_collisions(tmp_path):
+def test_relative_keys_of_listed_inputs():
+    same_bucket = ["s3://b/photos/a/1.jpg", "s3://b/photos/c/2.jpg"]
+    assert relative_keys(same_bucket) == ["a/1.jpg", "c/2.jpg"]
+    assert relative_keys(["s3://b/photos/1.jpg"]) == ["1.jpg"]
+    assert relative_keys(["s3://b/x/1.jpg", "s3://c/x/1.jpg"]) == ["b/x/1.jpg", "c/x/1.jpg"]
+    assert relative_keys(["/data/in/1.png", "/data/in/sub/2.png"]) == ["1.png", "sub/2.png"]
+    assert relative_keys(["/data/1.png", "s3://b/2.png"]) == ["data/1.png", "b/2.png"]
+
+
+def test_plan_skips_the_output_folder_inside_the_input_and_refuses_collisions(tmp_path):
     (tmp_path / "in" / "sub").mkdir(parents=True)
-    for name in ("a.png", "a.jpg", "sub/b.webp", "sub/c.PNG", "readme.md"):
+    for name in ("a.png", "a.jpg", "sub/b.webp", "sub/c.PNG", "readme.md", "_manifest.parquet"):
         (tmp_path / "in" / name).write_bytes(b"x")
     (tmp_path / "in" / "out" / "old").mkdir(parents=True)
     (tmp_path / "in" / "out" / "old" / "done.png").write_bytes(b"x")
-    tasks, failed = plan_tasks(str(tmp_path / "in"), str(tmp_path / "in" / "out"), "png")
+    tasks, refused = plan_tasks(str(tmp_path / "in"), str(tmp_path / "in" / "out"), "png")
     assert [t.key for t in tasks] == ["a.jpg", "sub/b.webp", "sub/c.PNG"]
     assert [t.dest for t in tasks] == [str(tmp_path / "in" / "out" / k) for k in ("a.png", "sub/b.png", "sub/c.png")]
-    assert len(failed) == 1 and failed[0].source.endswith("a.png") and "also the output of" in failed[0].reason
+    assert [(t.key, "also the output of" in why) for t, why in refused] == [("a.png", True)]
 
     single, _ = plan_tasks(str(tmp_path / "in" / "readme.md"), str(tmp_path / "o"))
     assert [(t.key, Path(t.dest).name) for t in single] == [("readme.md", "readme.png")]
+
+
+def test_images_cross_stages_unchanged(photos):
+    """16-bit samples, alpha, greyness, format and mode survive the trip through a pipeline row."""
+    alpha16 = np.arange(6 * 7, dtype=np.uint16).reshape(6, 7) * 1000
+    cases = [
+        DecodedImage(_crop(photos, "coffee", 6, 7), None, 8, False, "JPEG", "RGB"),
+        DecodedImage((_crop(photos, "coffee", 6, 7).astype(np.uint16) * 257 + 3), alpha16, 16, False, "PNG", "RGBA"),
+        DecodedImage(np.repeat(_grey(photos, "coffee", 6, 7)[..., None], 3, axis=2), None, 8, True, "PNG", "L"),
+    ]
+    for img in cases:
+        row = {"input": "x", **pack_image(img)}
+        back = unpack_image(row, pa.py_buffer(row["pixels"]))
+        assert_same_image(back, img, img.mode)
+        assert (back.format, back.mode, back.bit_depth) == (img.format, img.mode, img.bit_depth)
+
+
+def test_model_stage_batches_same_size_images_and_equals_one_by_one(model, photos):
+    """Rows of mixed sizes and kinds through UpscaleBatch in-process; failed rows pass through untouched."""
+    images = {
+        "a.png": encode_image(_crop(photos, "coffee", 24, 40)),
+        "b.png": encode_image(_crop(photos, "astronaut", 24, 40)),
+        "c.png": encode_image(_crop(photos, "chelsea", 24, 40)),
+        "grey.png": encode_image(_grey(photos, "coffee", 24, 40)),
+        "odd.png": encode_image(_crop(photos, "rocket", 30, 20)),
+        "bad.png": b"nope",
+    }
+    decoded = _decode_in_memory(images)
+    stage = UpscaleBatch(model, 2, InferenceConfig(), device="cpu")
+    result = stage(decoded)
+    rows = result.drop_columns(["pixels"]).to_pylist()
+    pixels = [v.as_buffer() for v in result.column("pixels").combine_chunks()]
+    for row, buf in zip(rows, pixels):
+        if row["input"] == "bad.png":
+            assert "not a recognised image format" in row["reason"] and buf.size == 0
+            continue
+        assert row["reason"] == "" and (row["pixel_width"], row["pixel_height"]) == (
+            2 * row["width"],
+            2 * row["height"],
+        )
+        assert_same_image(unpack_image(row, buf), expected_output(model, images[row["input"]]), row["input"])
+
+
+def _decode_in_memory(images: dict[str, bytes]) -> pa.Table:
+    """decode_batch on files written to a temporary folder (the stage reads through edsr_ray.storage)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name, data in images.items():
+            Path(folder, name).write_bytes(data)
+        tasks = pa.table({"input": [os.path.join(folder, n) for n in images], "output": list(images)})
+        decoded = decode_batch(tasks)
+    names = {os.path.join(folder, n): n for n in images}
+    return decoded.set_column(0, "input", pa.array([names[s] for s in decoded.column("input").to_pylist()]))
+
+
+def test_png_compression_small_is_smaller_and_the_same_pixels(photos):
+    img = DecodedImage.from_array(_crop(photos, "coffee", 200, 300))
+    fast = encode_output(img, "png", OutputOptions(png_compression="fast"))
+    small = encode_output(img, "png", OutputOptions(png_compression="small"))
+    assert len(small) < len(fast)
+    np.testing.assert_array_equal(decode_image(small).rgb, decode_image(fast).rgb)
+    grey16 = DecodedImage.from_array(_grey(photos, "coffee", 50, 60).astype(np.uint16) * 257)
+    back = decode_image(encode_output(grey16, "png", OutputOptions(png_compression="small")))
+    assert back.grey and back.bit_depth == 16 and np.array_equal(back.rgb, grey16.rgb)
+
+
+def test_model_workers_for_gpu_and_cpu_clusters():
+    gpu = model_workers({"CPU": 16, "GPU": 2}, ComputeOptions())
+    assert (gpu.actors, gpu.batch_size, gpu.device) == (2, 16, None) and gpu.remote_args["num_gpus"] == 1
+    assert "runtime_env" not in gpu.remote_args
+    assert model_workers({"CPU": 16, "GPU": 4}, ComputeOptions(gpus=2, workers=8)).actors == 2
+    cpu = model_workers({"CPU": 16, "GPU": 2}, ComputeOptions(gpus=0))
+    assert (cpu.actors, cpu.batch_size, cpu.device, cpu.threads) == (15, 4, "cpu", 1)
+    assert cpu.remote_args["runtime_env"] == {"env_vars": CPU_ACTOR_ENV} and "num_gpus" not in cpu.remote_args
+    assert CPU_ACTOR_ENV == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    tiny = model_workers({"CPU": 1}, ComputeOptions(batch_size=2))
+    assert (tiny.actors, tiny.batch_size, tiny.remote_args["num_cpus"], tiny.codec_cpus) == (1, 2, 0.5, 0.5)
+
+
+def test_summary_exit_codes_and_progress_text():
+    rows = [
+        {"input": "a", "status": "ok", "reason": "", "width": 100, "height": 50, "bytes": 10},
+        {"input": "b", "status": "skipped", "reason": ""},
+        {"input": "c", "status": "failed", "reason": "c: broken"},
+    ]
+    summary = Summary(manifest_table(rows), seconds=2.0)
+    assert (
+        summary.line() == "upscaled 1 images (0.01 input megapixels) in 2.0 s, 0.50 img/s; skipped 1 existing; 1 failed"
+    )
+    assert (summary.exit_code(0), summary.exit_code(1)) == (1, 0)
+    assert summary.failures == [{"input": "c", "output": None, "reason": "c: broken"}]
+    interrupted = Summary(manifest_table(rows[:1]), seconds=1.0, interrupted="node lost")
+    assert interrupted.exit_code(5) == 3 and "INTERRUPTED: node lost" in interrupted.line()
+
+    progress = Progress(10, bar=False, every_s=1e9)
+    progress.update(manifest_table(rows))
+    assert progress.text().startswith("3/10 images (30.0%)") and "1 failed" in progress.text()
+
+
+def test_stale_temp_files_are_removed_and_outputs_kept(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / ".x.png.abcd.edsr-tmp").write_bytes(b"partial")
+    (tmp_path / "a" / "x.png").write_bytes(b"complete")
+    (tmp_path / "a" / "keep.edsr-tmp").write_bytes(b"not ours: no leading dot")
+    assert remove_stale_temp_files(str(tmp_path)) == 1
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["keep.edsr-tmp", "x.png"]
+    assert remove_stale_temp_files("s3://edsr/anything") == 0
 
 
 def test_never_writes_through_a_link_out_of_the_output_folder(tmp_path):
@@ -189,28 +647,20 @@ def test_never_writes_through_a_link_out_of_the_output_folder(tmp_path):
     elsewhere.mkdir()
     (out / "sub").symlink_to(elsewhere, target_is_directory=True)
     image = DecodedImage.from_array(np.zeros((4, 4, 3), dtype=np.uint8))
-    task = Task("in/sub/x.png", "sub/x.png", str(out / "sub" / "x.png"))
     with pytest.raises(StorageError, match="outside the output folder"):
-        encode_and_write(task, image, OutputOptions(), str(out))
+        encode_and_write(str(out / "sub" / "x.png"), image, OutputOptions(), str(out))
     assert not list(elsewhere.iterdir())
 
 
-def test_same_format_and_quality(model_file, photo_tree, tmp_path):
-    summary = run_upscale(
-        str(model_file),
-        str(photo_tree / "nested"),
-        str(tmp_path / "o"),
-        inference=InferenceConfig(tile=64),
-        options=OutputOptions(fmt="same", quality=80),
-    )
-    assert summary.count("done") == 4 and len(summary.failures) == 1 and summary.exit_code(1) == 0
-    assert summary.exit_code(0) == 1 and "broken.png" in summary.failures[0].source
-    assert decode_image((tmp_path / "o" / "rocket.jpg").read_bytes()).format == "JPEG"
-    assert summary.megapixels == pytest.approx((427 * 640 + 512 * 512 + 120 * 160 + 64 * 80) / 1e6)
-
-
-def test_bad_output_options():
+def test_bad_output_and_compute_options():
     with pytest.raises(ConfigError, match="format"):
         OutputOptions(fmt="gif")
     with pytest.raises(ConfigError, match="quality"):
         OutputOptions(quality=0)
+    with pytest.raises(ConfigError, match="png_compression"):
+        OutputOptions(png_compression="max")
+    with pytest.raises(ConfigError, match="gpus"):
+        ComputeOptions(gpus=-1)
+    with pytest.raises(ConfigError, match="batch_size"):
+        ComputeOptions(batch_size=0)
+    assert tasks_table([]).num_rows == 0

@@ -1,0 +1,521 @@
+"""Batch upscaling of image collections: plan the work, stream it through the three stages, report.
+
+``jobs/upscale.py`` is a thin command over :func:`run_upscale`. A run:
+
+1. loads the model once on the driver (a bad ``--model`` or ``--scale`` fails here, before any image is touched),
+2. lists the inputs (folder, ``s3://`` prefix, one image, or a list file) and, in one listing, the outputs that exist
+   already: those inputs are ``skipped``, so a re-run of a killed job does only what is missing,
+3. streams the rest through the stages of :mod:`edsr_ray.upscaling` — on Ray Data (read + decode as CPU tasks → a
+   model actor pool, ``ActorPoolStrategy(1, N)``, one GPU per actor when GPUs are used, the weights shipped once
+   through the object store → encode + write as CPU tasks), or in this process with ``local`` —
+4. writes ``_manifest.parquet`` (one row per input: status ok / skipped / failed, reason, size, bytes, seconds) and
+   ``_summary.json`` next to the outputs, and returns a :class:`Summary` (the summary line and the exit status).
+
+Progress: a bar with images/s on a terminal, otherwise a log line every :data:`PROGRESS_EVERY_S` seconds (what
+``ray job logs`` shows).
+
+Why the pipeline is shaped this way: decoding and encoding cost more CPU than a GPU's forward pass per image (see
+``benchmarks/bench_upscale.py``), so they run as separate CPU tasks on every core while the actors only feed the model;
+8-bit PNGs are written with fpng, decoded with libspng. CPU-only model actors run with glibc settings that keep freed
+memory in the process (:data:`CPU_ACTOR_ENV`), which makes their forward passes ~1.9x faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from edsr_ray import storage
+from edsr_ray.config import InferenceConfig, StorageConfig, to_dict
+from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
+from edsr_ray.upscaling import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA,
+    SUMMARY_NAME,
+    OutputOptions,
+    Task,
+    UpscaleBatch,
+    absolute,
+    decode_batch,
+    existing_outputs,
+    manifest_table,
+    plan_tasks,
+    remove_stale_temp_files,
+    tasks_table,
+    write_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0
+# Images per model call: GPUs want several same-size images per forward; on CPU a forward is compute-bound anyway.
+GPU_BATCH = 16
+CPU_BATCH = 4
+# Images per read/decode and per encode/write call (their I/O overlaps within a call).
+CODEC_BATCH = 8
+# Task rows per input block: small runs get one row a block (every core busy), huge ones fewer, larger blocks.
+MAX_ROWS_PER_BLOCK = 64
+# Keep freed memory in CPU workers instead of unmapping every large block: each activation of a CPU forward is a new
+# mmap whose pages the kernel must zero, about half of a plain forward's time (benchmarks/RESULTS.md: 1.9x faster).
+CPU_ACTOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+# Failures logged one by one before the rest are only counted (all are in the manifest).
+LOGGED_FAILURES = 50
+
+
+class UpscaleInterrupted(EdsrRayError):
+    """The pipeline stopped part-way (a cluster or storage failure); outputs written so far are complete and kept.
+
+    ``summary`` describes what was done (its manifest and summary files are written).
+    """
+
+    def __init__(self, message: str, summary: Summary):
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """Where the model runs.
+
+    ``local``: everything in this process (no Ray). ``gpus``: model actors with one GPU each (default: every GPU of
+    the cluster; 0: CPU actors; with ``local``, 0 forces the CPU). ``workers``: at most this many model actors
+    (default: one per GPU, else the cluster's CPUs minus one). ``batch_size``: images per model call (default 16 on
+    GPU, 4 on CPU).
+    """
+
+    local: bool = False
+    gpus: int | None = None
+    workers: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("gpus", "workers", "batch_size"):
+            value = getattr(self, name)
+            minimum = 0 if name == "gpus" else 1
+            if value is not None and value < minimum:
+                raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelWorkers:
+    """The model stage's actor pool: how many actors, what each holds, and how it computes."""
+
+    actors: int
+    batch_size: int
+    device: str | None  # "cpu", or None for CUDA
+    threads: int | None  # torch threads per CPU actor
+    remote_args: dict[str, Any] = field(default_factory=dict)  # num_gpus / num_cpus / runtime_env of each actor
+    codec_cpus: float = 1.0  # CPUs each read/decode and encode/write task reserves
+
+
+def model_workers(resources: Mapping[str, float], compute: ComputeOptions) -> ModelWorkers:
+    """The actor pool for a cluster with ``resources`` (``ray.cluster_resources()``)."""
+    cluster_gpus = int(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    gpus = cluster_gpus if compute.gpus is None else compute.gpus
+    if gpus >= 1:
+        if gpus > cluster_gpus:
+            logger.warning("%d GPU(s) asked for, the cluster has %d now: waiting for more to join", gpus, cluster_gpus)
+        actors = min(compute.workers or gpus, gpus)
+        args = {"num_gpus": 1, "num_cpus": 1}
+        return ModelWorkers(actors, compute.batch_size or GPU_BATCH, None, None, args)
+    # On a tiny cluster an actor holding a whole CPU would leave nothing for the codec tasks, and the run would stall.
+    share = 1.0 if cpus >= 2 else 0.5
+    actors = compute.workers or max(1, int(cpus) - 1)
+    args = {"num_cpus": share, "runtime_env": {"env_vars": dict(CPU_ACTOR_ENV)}}
+    return ModelWorkers(actors, compute.batch_size or CPU_BATCH, "cpu", 1, args, codec_cpus=share)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Summary:
+    """A run's outcome: the manifest (one row per input), timings and the options it ran with."""
+
+    manifest: pa.Table
+    seconds: float = 0.0  # wall time of the processing (the pipeline), for img/s
+    total_seconds: float = 0.0  # the whole run, model loading and listing included
+    interrupted: str | None = None
+    removed_temp_files: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        return int(pc.sum(pc.equal(self.manifest.column("status"), status)).as_py() or 0)
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        """``{"input", "output", "reason"}`` of every failed input."""
+        failed = self.manifest.filter(pc.equal(self.manifest.column("status"), "failed"))
+        return failed.select(["input", "output", "reason"]).to_pylist()
+
+    @property
+    def written(self) -> int:
+        """Outputs written by this run (each successful image is written exactly once)."""
+        return self.count("ok")
+
+    @property
+    def megapixels(self) -> float:
+        """Input megapixels of the images upscaled by this run."""
+        ok = self.manifest.filter(pc.equal(self.manifest.column("status"), "ok"))
+        if ok.num_rows == 0:
+            return 0.0
+        pixels = pc.multiply(ok.column("width").cast(pa.int64()), ok.column("height").cast(pa.int64()))
+        return float(pc.sum(pixels).as_py()) / 1e6
+
+    @property
+    def output_bytes(self) -> int:
+        return int(pc.sum(self.manifest.column("bytes")).as_py() or 0)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        text = (
+            f"upscaled {self.written} images ({self.megapixels:.2f} input megapixels) in {self.seconds:.1f} s, "
+            f"{self.images_per_s:.2f} img/s; skipped {self.count('skipped')} existing; {self.count('failed')} failed"
+        )
+        return text + (f"; INTERRUPTED: {self.interrupted}" if self.interrupted else "")
+
+    def exit_code(self, allow_failures: int = 0) -> int:
+        """0 when at most ``allow_failures`` inputs failed, 1 when more did, 3 when the run was interrupted."""
+        if self.interrupted:
+            return 3
+        return 0 if self.count("failed") <= allow_failures else 1
+
+    def document(self, allow_failures: int = 0) -> dict[str, Any]:
+        """The content of ``_summary.json``."""
+        return {
+            "images": self.manifest.num_rows,
+            "ok": self.count("ok"),
+            "skipped": self.count("skipped"),
+            "failed": self.count("failed"),
+            "written": self.written,
+            "input_megapixels": round(self.megapixels, 6),
+            "output_bytes": self.output_bytes,
+            "seconds": round(self.seconds, 3),
+            "total_seconds": round(self.total_seconds, 3),
+            "images_per_s": round(self.images_per_s, 4),
+            "allow_failures": allow_failures,
+            "exit_code": self.exit_code(allow_failures),
+            "interrupted": self.interrupted,
+            "removed_temp_files": self.removed_temp_files,
+            "failures": self.failures[:LOGGED_FAILURES],
+            "settings": self.settings,
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def write_reports(summary: Summary, output_uri: str, allow_failures: int, cfg: StorageConfig | None = None) -> None:
+    """``_manifest.parquet`` and ``_summary.json`` next to the outputs (each written atomically)."""
+    import pyarrow.parquet as pq
+
+    buffer = pa.BufferOutputStream()
+    pq.write_table(summary.manifest, buffer, compression="zstd")
+    storage.write_bytes(storage.join(output_uri, MANIFEST_NAME), buffer.getvalue().to_pybytes(), cfg)
+    document = json.dumps(summary.document(allow_failures), indent=2).encode()
+    storage.write_bytes(storage.join(output_uri, SUMMARY_NAME), document, cfg)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """Images done out of ``total``: a tqdm bar with img/s on a terminal, else a log line every ``every_s`` seconds.
+
+    Failures are logged as they arrive (the first :data:`LOGGED_FAILURES`; all are in the manifest).
+    """
+
+    def __init__(self, total: int, *, bar: bool | None = None, every_s: float = PROGRESS_EVERY_S):
+        self.total, self.every_s = total, every_s
+        self.done = self.failed = 0
+        self.start = self.last = time.perf_counter()
+        if bar is None:
+            bar = sys.stderr.isatty()
+        self.bar = None
+        if bar and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc="upscale", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, rows: pa.Table) -> None:
+        failed = rows.filter(pc.equal(rows.column("status"), "failed"))
+        for row in failed.select(["input", "reason"]).to_pylist():
+            self.failed += 1
+            if self.failed <= LOGGED_FAILURES:
+                logger.warning("failed: %s", row["reason"])
+            elif self.failed == LOGGED_FAILURES + 1:
+                logger.warning("more inputs failed; further failures are only recorded in %s", MANIFEST_NAME)
+        self.done += rows.num_rows
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(rows.num_rows)
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+        elif now - self.last >= self.every_s:
+            self.last = now
+            logger.info("progress: %s", self.text(now))
+
+    def text(self, now: float | None = None) -> str:
+        elapsed = (now or time.perf_counter()) - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else math.inf
+        eta = "unknown" if math.isinf(left) else str(datetime.timedelta(seconds=round(left)))
+        share = 100.0 * self.done / self.total if self.total else 100.0
+        return f"{self.done}/{self.total} images ({share:.1f}%), {rate:.2f} img/s, {self.failed} failed, {eta} left"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Running the stages
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What every stage needs, in plain data (it crosses the Ray boundary)."""
+
+    scale: int
+    inference: dict[str, Any]
+    options: dict[str, Any]
+    output_uri: str
+    storage_config: dict[str, Any] | None
+
+
+def _local_stream(tasks: list[Task], stage: UpscaleBatch, work: _Work, compute: ComputeOptions) -> Iterator[pa.Table]:
+    """The three stages in this process, batch by batch."""
+    size = compute.batch_size or (CPU_BATCH if stage.upscaler.device.type == "cpu" else GPU_BATCH)
+    max_pixels = int(work.options["max_pixels"])
+    for start in range(0, len(tasks), size):
+        decoded = decode_batch(
+            tasks_table(tasks[start : start + size]), max_pixels=max_pixels, storage_config=work.storage_config
+        )
+        upscaled = stage(decoded)
+        del decoded  # the inputs' pixels are no longer needed
+        yield write_batch(
+            upscaled, output_uri=work.output_uri, options=work.options, storage_config=work.storage_config
+        )
+
+
+def ensure_ray() -> None:
+    """Use the current Ray connection, else the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto``
+    joins the cluster started on this machine with ``ray start``), else start a private local Ray.
+
+    A cluster that merely runs on this machine is not joined unasked: it may be someone else's.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        # Bound to the loopback interface: a private instance has no business listening on the network.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+
+
+@contextlib.contextmanager
+def _data_context() -> Iterator[Any]:
+    """Ray Data settings for one run, restored afterwards: our own progress replaces Ray Data's bars."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    try:
+        yield ctx
+    finally:
+        ctx.enable_progress_bars = before
+
+
+def _ray_stream(tasks: list[Task], model: Any, work: _Work, compute: ComputeOptions) -> Iterator[pa.Table]:
+    """The three stages as one streaming Ray Data pipeline; yields manifest rows as outputs are written."""
+    import ray
+
+    from edsr_ray.models import model_checkpoint
+
+    resources = ray.cluster_resources()
+    plan = model_workers(resources, compute)
+    cpus = max(1, int(resources.get("CPU", 1)))
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    local_paths = not storage.is_s3(work.output_uri) or any(not storage.is_s3(t.source) for t in tasks)
+    if nodes > 1 and local_paths:
+        logger.warning("local paths on a %d-node cluster: they must be visible on every node (or use s3://)", nodes)
+    logger.info(
+        "%d images; %d model actor(s) %s, batches of %d", len(tasks), plan.actors, plan.remote_args, plan.batch_size
+    )
+    # Weights go to the object store once; every actor reads them from there, not from the model's source (which
+    # the workers may not reach, e.g. an MLflow server only the driver sees).
+    checkpoint = ray.put(model_checkpoint(model))
+    per_block = max(1, min(MAX_ROWS_PER_BLOCK, len(tasks) // (4 * cpus)))
+    table = tasks_table(tasks)
+    blocks = [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
+    codec = {"num_cpus": plan.codec_cpus, "batch_format": "pyarrow", "batch_size": CODEC_BATCH}
+    with _data_context():
+        ds = ray.data.from_arrow(blocks)
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"max_pixels": int(work.options["max_pixels"]), "storage_config": work.storage_config},
+            **codec,
+        )
+        ds = ds.map_batches(
+            UpscaleBatch,
+            fn_constructor_args=([checkpoint], work.scale, work.inference),
+            fn_constructor_kwargs={"device": plan.device, "threads": plan.threads},
+            batch_format="pyarrow",
+            batch_size=plan.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
+            **plan.remote_args,
+        )
+        ds = ds.map_batches(
+            write_batch,
+            fn_kwargs={
+                "output_uri": work.output_uri,
+                "options": work.options,
+                "storage_config": work.storage_config,
+            },
+            **codec,
+        )
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def run_upscale(
+    model_source: str,
+    input_uri: str,
+    output_uri: str,
+    *,
+    scale: int | None = None,
+    inference: InferenceConfig | None = None,
+    options: OutputOptions | None = None,
+    compute: ComputeOptions | None = None,
+    allow_failures: int = 0,
+    progress: bool | None = None,
+    cfg: StorageConfig | None = None,
+) -> Summary:
+    """Upscale every input of ``input_uri`` into ``output_uri`` with the model at ``model_source``.
+
+    Errors that make the whole run impossible (model missing or not EDSR/MDSR, scale not served by the model, input
+    location missing, bad options) are raised before any image is touched. Per-image problems end up in the manifest.
+    A pipeline that stops part-way (cluster or storage failure) still writes the manifest of what was done and
+    raises :class:`UpscaleInterrupted`. ``progress``: the bar on (True) or off (False); None: on a terminal only.
+    """
+    from edsr_ray.inference import resolve_scale
+    from edsr_ray.models import load_model
+
+    started = time.perf_counter()
+    inference = inference or InferenceConfig()
+    options = options or OutputOptions(max_pixels=inference.max_pixels)
+    compute = compute or ComputeOptions()
+    if allow_failures < 0:
+        raise ConfigError(f"allow_failures must be >= 0, got {allow_failures}")
+    input_uri, output_uri = absolute(str(input_uri)), absolute(str(output_uri)).rstrip("/")
+    if not storage.is_s3(output_uri) and os.path.exists(output_uri) and not os.path.isdir(output_uri):
+        raise StorageError(f"--output {output_uri} is a file; expected a folder (created when missing)")
+    model = load_model(model_source, storage=cfg)
+    scale = resolve_scale(model, scale)
+
+    removed = remove_stale_temp_files(output_uri)
+    if removed:
+        logger.info("removed %d temporary file(s) left in %s by an interrupted run", removed, output_uri)
+    tasks, refused = plan_tasks(input_uri, output_uri, options.fmt, cfg)
+    existing = existing_outputs(output_uri, cfg)
+    pending = [t for t in tasks if t.dest not in existing]
+    rows = [{"input": t.source, "output": t.dest, "status": "failed", "reason": why} for t, why in refused]
+    rows += [
+        {"input": t.source, "output": t.dest, "status": "skipped", "reason": ""} for t in tasks if t.dest in existing
+    ]
+    if not tasks and not refused:
+        logger.warning("no images found in %s", input_uri)
+    logger.info(
+        "%d inputs: %d to upscale at x%d, %d skipped (output exists), %d refused",
+        len(tasks) + len(refused),
+        len(pending),
+        scale,
+        len(tasks) - len(pending),
+        len(refused),
+    )
+    for task, why in refused:
+        logger.warning("failed: %s: %s", task.source, why)
+
+    work = _Work(scale, to_dict(inference), to_dict(options), output_uri, None if cfg is None else to_dict(cfg))
+    parts = [manifest_table(rows)]
+    interrupted = None
+    if pending:
+        if compute.local:
+            # Built here, so that a device or setting this machine cannot honour fails before any image is read.
+            stage = UpscaleBatch(model, scale, inference, device="cpu" if compute.gpus == 0 else None)
+            stream = _local_stream(pending, stage, work, compute)
+        else:
+            ensure_ray()  # before the clock starts: img/s measures the pipeline, not a cluster's start
+            stream = _ray_stream(pending, model, work, compute)
+    processing = time.perf_counter()
+    if pending:
+        bar = Progress(len(pending), bar=progress)
+        try:
+            for part in stream:
+                parts.append(part)
+                bar.update(part)
+        except (EdsrRayError, OSError) as exc:
+            interrupted = str(exc)
+        except Exception as exc:  # Ray's own failures (a worker lost beyond its retries, ...)
+            if not _is_ray_error(exc):
+                raise
+            interrupted = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        finally:
+            bar.close()
+    seconds = time.perf_counter() - processing
+
+    settings = {
+        "model": _redact(str(model_source)),
+        "scale": scale,
+        "input": input_uri,
+        "output": output_uri,
+        "mode": "local" if compute.local else "ray",
+        "inference": to_dict(inference),
+        "output_options": to_dict(options),
+        "compute": to_dict(compute),
+    }
+    manifest = pa.concat_tables([p.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA) for p in parts])
+    summary = Summary(manifest, seconds, time.perf_counter() - started, interrupted, removed, settings)
+    write_reports(summary, output_uri, allow_failures, cfg)
+    if interrupted:
+        raise UpscaleInterrupted(
+            f"the run stopped after {summary.written} of {len(pending)} images: {interrupted}; outputs written so "
+            "far are complete, and running the same command again does only what is missing",
+            summary,
+        )
+    return summary
+
+
+def _redact(uri: str) -> str:
+    """``uri`` without the user:password part a URL may carry (reports must never hold credentials)."""
+    scheme, sep, rest = uri.partition("://")
+    host, slash, path = rest.partition("/")
+    if sep and "@" in host:
+        return f"{scheme}://<redacted>@{host.rsplit('@', 1)[1]}{slash}{path}"
+    return uri
+
+
+def _is_ray_error(exc: BaseException) -> bool:
+    try:
+        import ray.exceptions
+    except ImportError:  # pragma: no cover - Ray is a dependency
+        return False
+    return isinstance(exc, ray.exceptions.RayError)
