@@ -76,7 +76,7 @@ def env(s3, sample_div2k, tmp_path_factory):
             runtime_env={"env_vars": {"EDSR_RAY_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true"}},
         )
         try:
-            report = ingest([str(sample_div2k)], ROOT, scales=(2,), progress=False)
+            report = ingest([str(sample_div2k)], ROOT, scales=(2, 3, 4), progress=False)
             assert report.failed == []
             yield home
         finally:
@@ -256,3 +256,38 @@ def test_l1_loss_is_what_the_step_minimises():
     with torch.no_grad():
         expected = F.l1_loss(model(lr), hr)
     assert train_one_step(model, optimizer, scheduler, lr, hr, 2, None) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_mdsr_trains_and_validates_every_scale_with_two_workers(env):
+    cfg = _config(
+        "mdsr",
+        model={"arch": "mdsr", "n_resblocks": 1, "n_feats": 8, "scales": [2, 3, 4]},
+        data={"epoch_patches": 144},
+        train={"total_steps": 6, "val_every": 6},
+    )
+    outcome = run_training(cfg)
+    assert outcome.steps == 6
+    for scale in (2, 3, 4):
+        assert np.isfinite(outcome.metrics[f"val_psnr_x{scale}"]) and np.isfinite(outcome.metrics[f"val_ssim_x{scale}"])
+    assert load_model(f"s3://{outcome.checkpoint_path}").scales == (2, 3, 4)
+
+
+def test_x3_initialises_from_a_registered_x2_model(env, tmp_path):
+    """The paper's x2 -> x3 chain through the registry: preflight loads models:/... and copies what matches."""
+    from edsr_ray.models import init_from
+
+    x2 = build_model(_config("x2").model)
+    model_file = tmp_path / "model.pt"
+    save_model(x2, model_file)
+    uri = tracking.resolve_tracking_uri()
+    run_id = tracking.find_or_create_run(_config("x2").tracking, "chain/x2", "x2", uri, resume=False)
+    logger = tracking.RunLogger(run_id, uri)
+    logger.log_model_file(model_file)
+    version = logger.register("chain-x2", aliases=("best",))
+    cfg = _config("x3", model={"scales": [3]}, train={"init_from": "models:/chain-x2@best"})
+    preflight(cfg)  # resolves and checks the initial weights before any cluster work
+    x3 = build_model(cfg.model)
+    report = init_from(x3, f"models:/chain-x2/{version}")
+    assert sorted(report.left_at_init) == ["tail.0.0.bias", "tail.0.0.weight"]
+    torch.testing.assert_close(x3.state_dict()["body.0.body.0.weight"], x2.state_dict()["body.0.body.0.weight"])

@@ -91,7 +91,7 @@ def model(model_file):
 
 @pytest.fixture(scope="module")
 def ray_cluster(s3):
-    """A small local Ray on loopback, started after the S3 variables are set, so its workers reach the server."""
+    """A small local Ray, started after the S3 variables are set, so that its workers reach the server."""
     import ray
 
     ray.init(
@@ -100,7 +100,6 @@ def ray_cluster(s3):
         object_store_memory=250 * 2**20,
         include_dashboard=False,
         log_to_driver=False,
-        _node_ip_address="127.0.0.1",
     )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -308,7 +307,6 @@ def test_killed_job_rerun_completes_every_output_exactly_once(ray_cluster, model
     args += ["--format", "png", "--workers", "1", "--batch-size", "1", "-q"]
     env = _job_env(RAY_ADDRESS=ray_cluster)
 
-    t0 = time.monotonic()
     first = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     seen: dict[str, dict] = {}
@@ -320,12 +318,9 @@ def test_killed_job_rerun_completes_every_output_exactly_once(ray_cluster, model
     first.send_signal(signal.SIGKILL)
     first.communicate()
     assert 3 <= len(seen) < 32 and SUMMARY_NAME not in seen, f"killed with {len(seen)} outputs written"
-    print("TIMING killed", time.monotonic() - t0, len(seen))
 
     second = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
     assert second.returncode == 1, second.stderr  # the broken file
-    print("TIMING second", time.monotonic() - t0)
-    print(second.stderr)
     line = second.stdout.strip().splitlines()[-1]
     report = json.loads(storage.read_bytes(storage.join(out, SUMMARY_NAME)))
     assert report["skipped"] >= len(seen) and report["written"] + report["skipped"] == 32, report
