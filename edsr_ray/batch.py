@@ -14,10 +14,13 @@
 Progress: a bar with images/s on a terminal, otherwise a log line every :data:`PROGRESS_EVERY_S` seconds (what
 ``ray job logs`` shows).
 
-Why the pipeline is shaped this way: decoding and encoding cost more CPU than a GPU's forward pass per image (see
-``benchmarks/bench_upscale.py``), so they run as separate CPU tasks on every core while the actors only feed the model;
-8-bit PNGs are written with fpng, decoded with libspng. CPU-only model actors run with glibc settings that keep freed
-memory in the process (:data:`CPU_ACTOR_ENV`), which makes their forward passes ~1.9x faster.
+Why the pipeline is shaped this way (figures: ``benchmarks/bench_upscale.py``, ``benchmarks/RESULTS.md``): per
+image, codecs can cost more than a GPU's forward pass, so they run as separate CPU tasks on every spare core while the
+actors only feed the model. PNGs are decoded with libspng and 8-bit ones written with fpng: 9 ms of decode + encode
+per 1080p output on one core, so the 15 spare cores of a 16-core GPU node keep up with a GPU's 200-550 img/s, where
+Pillow's default PNG encoder (400 ms) would cap the node near 40 img/s. JPEG costs about as little (5 ms), so encoding
+it on the GPU would not raise a one-GPU node's rate and is not done. CPU-only model actors run with glibc settings
+that keep freed memory in the process (:data:`CPU_ACTOR_ENV`), which makes their forward passes 1.7-1.9x faster.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +43,7 @@ import pyarrow.compute as pc
 from edsr_ray import storage
 from edsr_ray.config import InferenceConfig, StorageConfig, to_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
+from edsr_ray.raycluster import ensure_ray
 from edsr_ray.upscaling import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
@@ -69,7 +73,9 @@ CODEC_BATCH = 8
 MAX_ROWS_PER_BLOCK = 64
 # Keep freed memory in CPU workers instead of unmapping every large block: each activation of a CPU forward is a new
 # mmap whose pages the kernel must zero, about half of a plain forward's time (benchmarks/RESULTS.md: 1.9x faster).
-CPU_ACTOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+# One arena: Ray Data calls the model in a worker thread, whose own malloc arena ignores these settings for large
+# blocks; without it the actor's forwards stay 2x slower (benchmarks/bench_upscale.py).
+CPU_ACTOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_ARENA_MAX": "1"}
 # Failures logged one by one before the rest are only counted (all are in the manifest).
 LOGGED_FAILURES = 50
 
@@ -313,23 +319,6 @@ def _local_stream(tasks: list[Task], stage: UpscaleBatch, work: _Work, compute: 
         )
 
 
-def ensure_ray() -> None:
-    """Use the current Ray connection, else the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto``
-    joins the cluster started on this machine with ``ray start``), else start a private local Ray.
-
-    A cluster that merely runs on this machine is not joined unasked: it may be someone else's.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-
-
 @contextlib.contextmanager
 def _data_context() -> Iterator[Any]:
     """Ray Data settings for one run, restored afterwards: our own progress replaces Ray Data's bars."""
@@ -406,6 +395,7 @@ def run_upscale(
     compute: ComputeOptions | None = None,
     allow_failures: int = 0,
     progress: bool | None = None,
+    on_rows: Callable[[pa.Table], None] | None = None,
     cfg: StorageConfig | None = None,
 ) -> Summary:
     """Upscale every input of ``input_uri`` into ``output_uri`` with the model at ``model_source``.
@@ -414,6 +404,7 @@ def run_upscale(
     location missing, bad options) are raised before any image is touched. Per-image problems end up in the manifest.
     A pipeline that stops part-way (cluster or storage failure) still writes the manifest of what was done and
     raises :class:`UpscaleInterrupted`. ``progress``: the bar on (True) or off (False); None: on a terminal only.
+    ``on_rows`` is called with each batch of manifest rows as their outputs are written (monitoring, benchmarks).
     """
     from edsr_ray.inference import resolve_scale
     from edsr_ray.models import load_model
@@ -471,6 +462,8 @@ def run_upscale(
             for part in stream:
                 parts.append(part)
                 bar.update(part)
+                if on_rows is not None:
+                    on_rows(part)
         except (EdsrRayError, OSError) as exc:
             interrupted = str(exc)
         except Exception as exc:  # Ray's own failures (a worker lost beyond its retries, ...)

@@ -52,6 +52,7 @@ from edsr_ray.config import PRECISIONS, SCALES, StorageConfig, from_dict, to_dic
 from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
 from edsr_ray.imaging import decode_image, encode_image, imresize
 from edsr_ray.metrics import PROTOCOLS, psnr, ssim
+from edsr_ray.raycluster import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -823,17 +824,6 @@ def _result_from_row(row: Mapping[str, Any]) -> ImageResult:
     )
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None,
-            runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}},
-        )
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Summary, table, files
 
@@ -1056,7 +1046,7 @@ def evaluate(options: EvaluationOptions) -> EvaluationReport:
         raise EvaluationError(f"{len(problems)} problem(s) in the evaluation data: {_listing(problems)}")
 
     if options.use_ray:
-        _ensure_ray()
+        ensure_ray()
     columns = ", ".join(v.label for m in models for v in m.variants)
     logger.info("evaluating %s on %s at x%s", columns, ", ".join(s.name for s in sets), "/x".join(map(str, scales)))
     results = _run_items(items, models, options)

@@ -60,6 +60,7 @@ from edsr_ray import storage as storage_lib
 from edsr_ray.config import SCALES, StorageConfig
 from edsr_ray.errors import EdsrRayError, ImageError
 from edsr_ray.imaging import decode_image, encode_image, imresize
+from edsr_ray.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -525,19 +526,6 @@ class IngestReport:
             lines.append(f"  {len(self.failed)} failed:")
             lines += [f"    {name}: {reason}" for name, reason in self.failed]
         return "\n".join(lines)
-
-
-def ensure_ray() -> None:
-    """Connect to the Ray cluster of this job (``RAY_ADDRESS`` or a running local one), else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        ray.init(address="auto", log_to_driver=False)
-    except ConnectionError:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def _existing_rows(root: str, cfg: StorageConfig | None) -> list[dict[str, Any]]:

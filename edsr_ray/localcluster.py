@@ -11,17 +11,21 @@ Isolation from other Ray instances on the same machine:
 * every listener gets a free port: the GCS, the dashboard and the client server of the head, and on every node the
   dashboard agent (HTTP and gRPC), the metrics export port and the runtime-env agent (two nodes on one machine must
   not share these); worker processes take random ports;
-* a private ``--temp-dir`` (session folders, logs, sockets, and the ``ray_current_cluster`` address file, so that
-  ``ray.init(address="auto")`` elsewhere on the machine never finds this cluster); short, because Unix socket paths
-  inside it must fit in 107 bytes;
+* a private temp dir, with one ``--temp-dir`` per node inside it (session folders, logs, sockets, and the head's
+  ``ray_current_cluster`` address file, so ``ray.init(address="auto")`` elsewhere on the machine never finds this
+  cluster). One per node, as on separate machines: a node's runtime-env agent deletes a job's unpacked working dir
+  from its session folder when it is done with it, even while a job on another node sharing the folder runs in it.
+  Short, because Unix socket paths inside it must fit in 107 bytes;
 * ``RAY_ADDRESS`` is removed from the nodes' environment, usage stats are off.
 
 Authentication: Ray 2.60 turns token authentication on by default. With ``auth="token"`` the nodes run with
 ``RAY_AUTH_MODE=token`` and the token Ray resolves for this user (``RAY_AUTH_TOKEN``, else the file named by
 ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``, created by ``ray get-auth-token --generate`` when there is none),
-so drivers in this process, job drivers and ``ray job`` commands all find the same token without it being passed
-around. :meth:`LocalCluster.env` is what a client process needs in its environment, :meth:`LocalCluster.auth_headers`
-what an HTTP client of the Jobs API must send. ``auth="disabled"`` runs without authentication.
+so job drivers, workers and ``ray job`` commands all find the same token without it being passed around.
+:meth:`LocalCluster.env` is what a client process needs in its environment, :meth:`LocalCluster.auth_headers` what
+an HTTP client of the Jobs API must send, and :meth:`LocalCluster.connect` makes this process a driver (Ray reads
+``RAY_AUTH_MODE`` once, on import, so setting it later has no effect here). ``auth="disabled"`` runs without
+authentication.
 
 Addresses: ``ray start`` replaces a loopback ``--node-ip-address`` with the machine's own address, which the nodes
 then advertise, and a few of Ray's listeners bind every interface; the dashboard listens on 127.0.0.1 only. Clients
@@ -40,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Mapping, Sequence
@@ -77,7 +80,9 @@ class NodeSpec:
         if self.num_cpus < 0:
             raise LocalClusterError(f"NodeSpec.num_cpus must be >= 0, got {self.num_cpus}")
         if self.object_store_mb < 80:
-            raise LocalClusterError(f"NodeSpec.object_store_mb must be >= 80 (Ray's minimum), got {self.object_store_mb}")
+            raise LocalClusterError(
+                f"NodeSpec.object_store_mb must be >= 80 (Ray's minimum), got {self.object_store_mb}"
+            )
 
 
 @dataclass
@@ -119,8 +124,8 @@ class LocalCluster:
     """Several Ray nodes on this machine (the first one is the head); a context manager.
 
     ``env`` adds variables to every node's environment (they reach every worker and job driver, like a cluster
-    image's environment). ``temp_dir``: Ray's root folder for this cluster (default: a fresh short folder under
-    the system temp folder, removed on :meth:`stop`).
+    image's environment). ``temp_dir``: the cluster's folder, holding each node's Ray temp dir and ``ray start``
+    output (default: a fresh short folder under the system temp folder, removed on :meth:`stop`).
     """
 
     def __init__(
@@ -150,7 +155,7 @@ class LocalCluster:
     # -- addresses and client settings ------------------------------------------------------------------------------
 
     @property
-    def head(self) -> _Node:
+    def _head(self) -> _Node:
         if not self._nodes or not self._nodes[0].ports:
             raise LocalClusterError("the local cluster has not been started")
         return self._nodes[0]
@@ -158,12 +163,17 @@ class LocalCluster:
     @property
     def address(self) -> str:
         """GCS address for ``ray.init(address=...)`` and ``ray start --address``."""
-        return f"{HOST}:{self.head.ports['gcs']}"
+        return f"{HOST}:{self._head.ports['gcs']}"
 
     @property
     def dashboard_url(self) -> str:
         """Dashboard / Jobs API address for ``ray job submit --address`` and ``JobSubmissionClient``."""
-        return f"http://{HOST}:{self.head.ports['dashboard']}"
+        return f"http://{HOST}:{self._head.ports['dashboard']}"
+
+    @property
+    def ports(self) -> list[dict[str, int]]:
+        """The ports chosen for each node, head first: ``gcs``, ``dashboard``, ``agent_http``, ``metrics_export``..."""
+        return [dict(n.ports) for n in self._nodes]
 
     @property
     def running(self) -> bool:
@@ -191,7 +201,7 @@ class LocalCluster:
             raise LocalClusterError(
                 f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set and would win over this cluster; unset it first"
             )
-        return ray.init(address="auto", _temp_dir=str(self._node_dir(self.head)), **init_kwargs)
+        return ray.init(address="auto", _temp_dir=str(self._node_dir(self._head)), **init_kwargs)
 
     def auth_headers(self) -> dict[str, str]:
         """HTTP headers for the dashboard and Jobs API (``JobSubmissionClient(url, headers=...)``)."""
@@ -220,7 +230,7 @@ class LocalCluster:
         """Start the head, then the other nodes; return once every node is alive and the Jobs API answers."""
         if self._nodes:
             raise LocalClusterError("this local cluster was already started; create a new LocalCluster")
-        ray = find_ray()
+        ray_cmd = find_ray()
         if self._own_temp_dir:
             self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-"))
         else:
@@ -230,11 +240,11 @@ class LocalCluster:
         started = time.monotonic()
         try:
             if self.auth == "token":
-                self._token = self._resolve_token(ray)
+                self._token = self._resolve_token(ray_cmd)
             for i, spec in enumerate(self.specs):
                 node = _Node(f"node{i}", spec, head=i == 0, log_path=self.temp_dir / f"node{i}.log")
                 self._nodes.append(node)
-                self._start_node(ray, node, started)
+                self._start_node(ray_cmd, node, started)
             self._wait_for_cluster(started)
         except BaseException:
             self.stop()
@@ -255,8 +265,9 @@ class LocalCluster:
             self._finalizer.detach()
             self._finalizer = None
         started = time.monotonic()
-        _stop_nodes(self._nodes, os.getpid(), timeout_s)
-        log.info("local Ray cluster stopped in %.1f s", time.monotonic() - started)
+        if any(n.process is not None for n in self._nodes):
+            _stop_nodes(self._nodes, os.getpid(), timeout_s)
+            log.info("local Ray cluster stopped in %.1f s", time.monotonic() - started)
         if self._own_temp_dir and self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -278,10 +289,10 @@ class LocalCluster:
         env.update(self.extra_env)
         return env
 
-    def _resolve_token(self, ray: str) -> str:
+    def _resolve_token(self, ray_cmd: str) -> str:
         """The token Ray uses for this user, generated (as ``ray start`` would) when there is none yet."""
         proc = subprocess.run(
-            [ray, "get-auth-token", "--generate"],
+            [ray_cmd, "get-auth-token", "--generate"],
             env=self._base_env(),
             capture_output=True,
             text=True,
@@ -293,10 +304,10 @@ class LocalCluster:
             raise LocalClusterError(f"`ray get-auth-token --generate` failed: {proc.stderr.strip()[-500:]}")
         return token
 
-    def _command(self, ray: str, node: _Node) -> list[str]:
+    def _command(self, ray_cmd: str, node: _Node) -> list[str]:
         spec, ports = node.spec, node.ports
         argv = [
-            ray,
+            ray_cmd,
             "start",
             "--block",
             f"--node-ip-address={HOST}",
@@ -330,21 +341,19 @@ class LocalCluster:
         return argv
 
     def _node_dir(self, node: _Node) -> Path:
-        """Ray's temp dir for one node. Each node needs its own, as separate machines would have: a node's runtime-env
-        agent deletes a job's unpacked working dir from its session folder when it no longer needs it, even while a
-        job on another node sharing the folder still runs in it."""
+        """Ray's temp dir for one node (see the module docstring for why each node has its own)."""
         assert self.temp_dir is not None
         path = self.temp_dir / node.name
         path.mkdir(exist_ok=True)
         return path
 
-    def _start_node(self, ray: str, node: _Node, started: float) -> None:
+    def _start_node(self, ray_cmd: str, node: _Node, started: float) -> None:
         names = (*(_HEAD_PORTS if node.head else ()), *_NODE_PORTS)
         for attempt in range(1, _START_ATTEMPTS + 1):
             node.ports = dict(zip(names, free_ports(len(names))))
             with open(node.log_path, "wb") as out:
                 node.process = subprocess.Popen(
-                    self._command(ray, node),
+                    self._command(ray_cmd, node),
                     env=self._base_env(),
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -420,7 +429,9 @@ def _stop_nodes(nodes: list[_Node], owner_pid: int, timeout_s: float) -> None:
             try:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                log.warning("ray node %s (pid %d) did not stop within %.0f s; killing it", node.name, proc.pid, timeout_s)
+                log.warning(
+                    "ray node %s (pid %d) did not stop within %.0f s; killing it", node.name, proc.pid, timeout_s
+                )
                 proc.kill()
                 proc.wait()
         node.process = None

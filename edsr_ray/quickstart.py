@@ -96,7 +96,7 @@ def run_quickstart(config_path: str | os.PathLike[str], overrides: Sequence[str]
                 address="local",
                 num_cpus=max(4, os.cpu_count() or 1),
                 object_store_memory=400 * 1024**2,
-                include_dashboard=False,
+                include_dashboard=True,  # serves the state API that Ray Train's placement-group cleaner polls
                 log_to_driver=True,
             )
             try:

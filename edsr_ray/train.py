@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import tempfile
 import time
@@ -464,13 +463,8 @@ def _register_models(cfg: ExperimentConfig, logger: tracking.RunLogger, final, b
 
 def train(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutcome:
     """Entry point for ``jobs/train.py``: connect to (or start) Ray, then run the training."""
-    import ray
+    from edsr_ray.raycluster import ensure_ray
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None,
-            runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}},
-            log_to_driver=True,
-        )
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    ensure_ray(log_to_driver=True, include_dashboard=True)
     return run_training(cfg, source=source)

@@ -1,7 +1,8 @@
 """Jobs on a local multi-process Ray cluster, submitted the way users submit them.
 
-The cluster is a ``ray start --head`` node and a second ``ray start`` node on this machine (:mod:`edsr_ray.localcluster`:
-free ports everywhere, its own temp dir, token authentication on). Each job goes through the real command line::
+The cluster is a ``ray start --head`` node and a second ``ray start`` node on this machine
+(:mod:`edsr_ray.localcluster`: free ports everywhere, temp dirs of its own, token authentication on). Each job goes
+through the real command line::
 
     ray job submit --address http://127.0.0.1:PORT --working-dir . --runtime-env-json '{"env_vars": {...}}' \\
         --no-wait -- python jobs/XXX.py ...
@@ -18,9 +19,9 @@ How the jobs get code and settings, as they would on a real cluster:
   that the jobs pass to ``ray.init`` themselves (``MLFLOW_DISABLE_TELEMETRY``, ``RAY_USAGE_STATS_ENABLED``) must stay
   out of it: Ray refuses to merge a job's and a driver's value for the same variable. The nodes set both.
 
-The jobs run in order: ingest the quickstart's sample set, train the quickstart config made tiny, [upscale with the
-registered model: to be added], evaluate the registered model and bicubic; and a training job with a bad config, which
-must show FAILED. More jobs: call :func:`submit_and_wait` with the entry point and :data:`job_env`.
+The jobs run in order: ingest the quickstart's sample set, train the quickstart config made tiny, upscale with the
+registered model, evaluate the registered model and bicubic; and a training job with a bad config, which must show
+FAILED. More jobs: call :func:`submit_and_wait` with the entry point and :data:`job_env`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -128,8 +130,9 @@ def submit_and_wait(
 
 
 def succeeded(run: JobRun) -> bool:
+    """Whether the job succeeded; if not, its message and the end of its output go to the test's log."""
     if run.status != "SUCCEEDED":
-        print(f"job {run.job_id}: {run.status}: {run.message}\n{run.logs[-6000:]}", file=sys.stderr)
+        log.error("job %s: %s: %s\n%s", run.job_id, run.status, run.message, run.logs[-6000:])
     return run.status == "SUCCEEDED"
 
 
@@ -191,6 +194,29 @@ def trained(cluster, job_env, dataset, bad_config_job) -> JobRun:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# The cluster itself
+
+
+def test_two_nodes_with_their_own_ports_and_the_token_required(cluster):
+    nodes = cluster.nodes()
+    assert sorted((n["state"], n["is_head_node"]) for n in nodes) == [("ALIVE", False), ("ALIVE", True)]
+    # Two nodes on one machine: every per-node listener on a port of its own, and each node's metrics answer there.
+    head, worker = cluster.ports
+    for name in ("agent_http", "agent_grpc", "metrics_export", "runtime_env_agent"):
+        assert head[name] != worker[name], name
+    for ports in (head, worker):
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics_export']}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+    # Token authentication is on: the Jobs API refuses a request without the token, and one with a wrong token.
+    for headers, status in (({}, 401), ({"Authorization": "Bearer " + "0" * 64}, 403)):
+        request = urllib.request.Request(f"{cluster.dashboard_url}/api/jobs/", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == status
+    assert cluster.job_client().list_jobs() is not None
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The jobs
 
 
@@ -217,11 +243,27 @@ def test_training_job_registers_a_model_that_loads_at_any_size(trained):
     assert y.shape == (1, 3, 46, 74) and torch.isfinite(y).all()
 
 
-# ---- Upscaling job ---------------------------------------------------------------------------------------------------
-# Goes here, between training and evaluation: a test taking `trained` and `job_env` that calls
-#     submit_and_wait(cluster, ["python", "jobs/upscale.py", "--model", f"models:/{MODEL_NAME}@final", ...], job_env)
-# and checks that the job SUCCEEDED and its outputs exist.
-# ----------------------------------------------------------------------------------------------------------------------
+def test_upscaling_job_writes_every_output_with_the_registered_model(cluster, job_env, trained):
+    """The Ray Data upscaling job on both nodes: CPU model actors (their glibc settings merged into the job's runtime
+    env), S3 in and out; every output equals the shared inference path on the same image."""
+    from edsr_ray.imaging import decode_image
+    from edsr_ray.inference import upscale
+    from edsr_ray.models import load_model
+
+    assert succeeded(trained)
+    source, output = f"{DATA}/DIV2K_valid_LR_bicubic/X2", f"{BASE}/upscaled"
+    command = ["python", "jobs/upscale.py", "--model", f"models:/{MODEL_NAME}@final", "--input", source]
+    run = submit_and_wait(cluster, [*command, "--output", output, "--format", "png", "--workers", "1"], job_env)
+    assert succeeded(run)
+    assert "upscaled 2 images" in run.logs and "0 failed" in run.logs
+    summary = json.loads(storage.read_bytes(f"{output}/_summary.json"))
+    assert (summary["written"], summary["failed"], summary["settings"]["mode"]) == (2, 0, "ray")
+    assert storage.exists(f"{output}/_manifest.parquet")
+    model = load_model(f"models:/{MODEL_NAME}@final")
+    for name in ("0801x2.png", "0802x2.png"):
+        lr = decode_image(storage.read_bytes(f"{source}/{name}")).rgb
+        sr = decode_image(storage.read_bytes(f"{output}/{name}")).rgb
+        np.testing.assert_array_equal(sr, upscale(model, lr, 2), err_msg=name)
 
 
 def test_evaluation_job_scores_the_registered_model_and_bicubic(cluster, job_env, trained):

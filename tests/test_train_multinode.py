@@ -63,11 +63,16 @@ def _config(name: str, **workers) -> ExperimentConfig:
     )
 
 
-def _train_worker_nodes() -> dict[str, str]:
+def _train_worker_nodes(cluster: LocalCluster) -> dict[str, str]:
     """actor id -> node id of every Ray Train worker this cluster has run (the state API keeps dead actors)."""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, raise_on_missing_output=False)
+    actors = list_actors(
+        address=cluster.dashboard_url,  # never auto-detected: other Ray instances may run on this machine
+        filters=[("class_name", "=", "RayTrainWorker")],
+        detail=True,
+        raise_on_missing_output=False,
+    )
     return {a.actor_id: a.node_id for a in actors}
 
 
@@ -78,7 +83,7 @@ def test_two_gloo_workers_on_different_nodes_train_from_s3(cluster):
     # One worker on each node of the cluster.
     node_ids = {n["node_id"] for n in cluster.nodes() if n["state"] == "ALIVE"}
     assert len(node_ids) == 2
-    workers = _train_worker_nodes()
+    workers = _train_worker_nodes(cluster)
     assert len(workers) == 2, workers
     assert set(workers.values()) == node_ids
 

@@ -593,6 +593,12 @@ def test_png_compression_small_is_smaller_and_the_same_pixels(photos):
     assert back.grey and back.bit_depth == 16 and np.array_equal(back.rgb, grey16.rgb)
 
 
+def test_codec_stages_do_not_import_torch():
+    """Read/decode and encode/write workers stay light: only the model actors load torch."""
+    code = "import sys, edsr_ray.upscaling, edsr_ray.imaging; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], env=_job_env()).returncode == 0
+
+
 def test_model_workers_for_gpu_and_cpu_clusters():
     gpu = model_workers({"CPU": 16, "GPU": 2}, ComputeOptions())
     assert (gpu.actors, gpu.batch_size, gpu.device) == (2, 16, None) and gpu.remote_args["num_gpus"] == 1
@@ -601,7 +607,7 @@ def test_model_workers_for_gpu_and_cpu_clusters():
     cpu = model_workers({"CPU": 16, "GPU": 2}, ComputeOptions(gpus=0))
     assert (cpu.actors, cpu.batch_size, cpu.device, cpu.threads) == (15, 4, "cpu", 1)
     assert cpu.remote_args["runtime_env"] == {"env_vars": CPU_ACTOR_ENV} and "num_gpus" not in cpu.remote_args
-    assert CPU_ACTOR_ENV == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    assert CPU_ACTOR_ENV == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", "MALLOC_ARENA_MAX": "1"}
     tiny = model_workers({"CPU": 1}, ComputeOptions(batch_size=2))
     assert (tiny.actors, tiny.batch_size, tiny.remote_args["num_cpus"], tiny.codec_cpus) == (1, 2, 0.5, 0.5)
 
