@@ -24,7 +24,6 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from _machine import load_average, machine  # what every benchmark here records
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 HEADER = "# Benchmark results\n\nAppended by the scripts in this folder; each section names the machine it ran on.\n"
@@ -43,38 +43,6 @@ GPU_PATCHES_PER_S = 6800  # H200, EDSR baseline x2, bf16, batch 64 (issue #3)
 TARGET_RATIO = 20
 
 log = logging.getLogger("bench_patches")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, IndexError, ValueError):
-        pass
-    import ray
-
-    system = f"{platform.system()} {platform.machine()}; Python {platform.python_version()}; ray {ray.__version__}"
-    return f"{cpu}, {os.cpu_count()} cores{mem}; {system}"
-
-
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# A DIV2K-like image set
 
 
 def _pink_noise(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
