@@ -303,6 +303,18 @@ class Upscaler:
         self._run(x, scale, out, quantize, channels_last_out=True)
         return out[0].numpy()
 
+    def upscale_batch(self, images: np.ndarray, scale: int | None = None) -> np.ndarray:
+        """uint8 (B, H, W, 3) same-size images → uint8 (B, H*s, W*s, 3), equal to :meth:`upscale` on each image.
+
+        Several images share forward passes where the memory budget allows (large ones are still tiled); the output
+        is quantised on the device, so only uint8 crosses back (a quarter of the float32 bytes).
+        """
+        if len(images) == 1:
+            return self.upscale(images[0], scale)[None]
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)  # (B, H, W, 3) uint8
+        y = self.upscale_tensor(x.permute(0, 3, 1, 2).float(), scale)  # (B, 3, H*s, W*s) float32 on the device
+        return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H*s, W*s, 3)
+
     def upscale_tensor(self, x: torch.Tensor, scale: int | None = None) -> torch.Tensor:
         """Float (B, 3, H, W) in [0, 255] → float32 (B, 3, H*s, W*s) on ``x``'s device, not quantised."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:

@@ -529,8 +529,8 @@ def _read_source_bytes(source: str, storage: Any) -> tuple[bytes, str]:
     if source.startswith(("models:/", "runs:/")):
         from edsr_ray.tracking import download_model_uri  # MLflow is only imported when such a URI is used
 
-        local = download_model_uri(source)
-        data, name = _read_local(local)
+        with tempfile.TemporaryDirectory(prefix="edsr-model-") as tmp:  # the bytes are read; nothing is left behind
+            data, name = _read_local(download_model_uri(source, dst_path=tmp))
         return data, f"{source} ({name})"
     if source.startswith("s3://"):
         from edsr_ray import storage as store  # boto3 is only imported when an object URI is used

@@ -406,17 +406,6 @@ class _BatchItem:
     rgb: np.ndarray  # (H, W, 3) uint8
 
 
-def _upscale_stack(upscaler: Any, images: np.ndarray, scale: int) -> np.ndarray:
-    """uint8 (B, H, W, 3) → uint8 (B, H*s, W*s, 3) in one forward batch, quantised like ``Upscaler.upscale``."""
-    import torch
-
-    # Moved as uint8 and converted on the device; the output stays there until it is quantised, so only uint8 crosses
-    # back (a quarter of the float32 bytes).
-    x = torch.from_numpy(images).to(upscaler.device).permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
-    y = upscaler.upscale_tensor(x, scale)  # (B, 3, H*s, W*s) float32 on the device
-    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, H*s, W*s, 3)
-
-
 @serve.deployment(name=MODEL_DEPLOYMENT)
 class EdsrModel:
     """Holds up to ``max_models_per_replica`` models and upscales decoded images, batching small ones."""
@@ -518,7 +507,7 @@ class EdsrModel:
                 loaded = await self._get_model(name)
                 upscaler = loaded.ensemble if ensemble else loaded.plain
                 stack = np.stack([items[i].rgb for i in members])  # (B, H, W, 3) uint8
-                out = await self._run(_upscale_stack, upscaler, stack, scale)  # (B, H*s, W*s, 3) uint8
+                out = await self._run(upscaler.upscale_batch, stack, scale)  # (B, H*s, W*s, 3) uint8
             except Exception as exc:  # handed back to exactly the requests of this group
                 logger.exception("batch of %d image(s) for model %r failed", len(members), name)
                 for i in members:

@@ -182,13 +182,17 @@ class RunLogger:
         self._client.set_terminated(self.run_id, status=status)
 
 
-def download_model_uri(uri: str, tracking_uri: str | None = None) -> str:
-    """Local path of the artifacts behind ``models:/name/version-or-alias`` or ``runs:/id/path``."""
+def download_model_uri(uri: str, tracking_uri: str | None = None, dst_path: str | None = None) -> str:
+    """Local path of the artifacts behind ``models:/name/version-or-alias`` or ``runs:/id/path``.
+
+    Downloaded into ``dst_path`` (the caller's to remove), or a new temporary folder.
+    """
     mlflow = mlflow_module()
     resolved = resolve_tracking_uri(tracking_uri)
     try:
         mlflow.set_tracking_uri(resolved)
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="edsr-model-"))
+        dst = dst_path or tempfile.mkdtemp(prefix="edsr-model-")
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
     except mlflow.exceptions.MlflowException as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise EdsrRayError(f"cannot resolve model {uri!r} in MLflow at {resolved}: {first}") from None

@@ -467,22 +467,6 @@ def decode_batch(
 # Stage 2: upscale (actors holding the model)
 
 
-def upscale_rgb_batch(upscaler: Any, images: np.ndarray, scale: int) -> np.ndarray:
-    """uint8 (B, H, W, 3) same-size images → uint8 (B, H*s, W*s, 3) through the shared inference path in one call.
-
-    Equal to :meth:`Upscaler.upscale` on each image (quantised the same way, on the device, so only uint8 comes
-    back); several images share forward passes where the memory budget allows, and large ones are still tiled.
-    """
-    import torch
-
-    if len(images) == 1:
-        return upscaler.upscale(images[0], scale)[None]
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(upscaler.device)  # (B, H, W, 3) uint8
-    x = x.permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
-    y = upscaler.upscale_tensor(x, scale)  # (B, 3, H*s, W*s) float32 on the device
-    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H*s, W*s, 3)
-
-
 class UpscaleBatch:
     """Ray Data callable class: image rows in, upscaled image rows out; the model is loaded once, in ``__init__``.
 
@@ -556,7 +540,7 @@ class UpscaleBatch:
         start = time.perf_counter()
         try:
             images = np.stack([unpack_image(records[i], buffers[i]).rgb for i in members])  # (B, H, W, 3) uint8
-            upscaled = upscale_rgb_batch(self.upscaler, images, self.scale)  # (B, H*s, W*s, 3)
+            upscaled = self.upscaler.upscale_batch(images, self.scale)  # (B, H*s, W*s, 3)
         except self.errors as exc:
             if len(members) == 1:
                 records[members[0]]["reason"] = reason_of(exc, records[members[0]]["input"])
