@@ -13,9 +13,10 @@ with scikit-image), ingests it with LR x2 (the real ingest), then measures, with
   ``patches_per_s`` of the second ``steps`` updates (the first ones absorb start-up: pipeline, allocator, compile);
 * synthetic: a Ray Train worker with the same resources building the same model the same way (``prepare_model``,
   bf16 autocast + channels_last on a GPU, ``torch.compile`` with ``--compile``) and running the same
-  :func:`~edsr_ray.train.train_one_step` on random tensors already on the device, ``steps`` timed updates after
-  ``steps`` warm-up ones. Like the trainer it reads the loss back after each update. It runs before and after the
-  end-to-end run; the ratio is taken to their mean, and their difference shows how much the machine's load moved.
+  :class:`~edsr_ray.train.UpdateStep` on random tensors already on the device, ``steps`` timed updates after
+  ``steps`` warm-up ones. Like the trainer it keeps the losses on the device and reads them back once per window.
+  It runs before and after the end-to-end run; the ratio is taken to their mean, and their difference shows how much
+  the machine's load moved.
 
 One epoch holds every update, so no epoch boundary falls inside the timed window. On a CPU each worker computes with
 ``cpus_per_worker`` threads (Ray sets ``OMP_NUM_THREADS`` from the worker's CPUs), and Ray Data decodes and cuts
@@ -93,7 +94,7 @@ def synthetic_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     from edsr_ray.config import ExperimentConfig, from_dict
     from edsr_ray.models import build_model
-    from edsr_ray.train import _precision, make_optimizer, train_one_step
+    from edsr_ray.train import LossWindow, UpdateStep
 
     cfg = from_dict(ExperimentConfig, loop_config["config"])
     steps, batch, scale = loop_config["steps"], cfg.train.batch_size, cfg.model.scales[0]
@@ -101,14 +102,12 @@ def synthetic_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     # The same steps as edsr_ray.train.train_loop_per_worker, in the same order.
     model = build_model(cfg.model)
-    autocast_dtype = _precision(cfg.train.precision, device)
     channels_last = cfg.train.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    if cfg.train.compile and device.type == "cuda":
-        model = torch.compile(model)
-    optimizer, scheduler = make_optimizer(model, cfg.train)
+    update = UpdateStep(model, cfg.train, device)
+    losses = LossWindow(steps, device)
     p = cfg.data.patch_size
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     lr = (torch.rand(batch, 3, p, p, device=device) * 255).contiguous(memory_format=memory_format)  # (B, 3, P, P)
@@ -119,7 +118,8 @@ def synthetic_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         for _ in range(n):
-            float(train_one_step(model, optimizer, scheduler, lr, hr, scale, autocast_dtype))  # the trainer's sync
+            losses.add(update(lr, hr, scale))
+        losses.check()  # the trainer's read-back, once per window
         return time.perf_counter() - start
 
     run(steps)  # warm-up
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="global batch (1 worker: all of it)")
     parser.add_argument("--steps", type=int, default=None, help="timed updates (default: 8 on CPU, 200 on GPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only, as the trainer)")
+    parser.add_argument("--compile", action="store_true", help="train.compile (CUDA graphs on one GPU)")
     parser.add_argument(
         "--cpus-per-worker", type=float, default=None, help="CPUs of the train worker (default: half the cores, >= 1)"
     )
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "| feed | samples/s | × synthetic (mean) |",
             "|---|---:|---:|",
-            f"| synthetic tensors on the device, before (same worker set-up, same train_one_step) | "
+            f"| synthetic tensors on the device, before (same worker set-up, same UpdateStep) | "
             f"{before['samples_per_s']:.2f} | {before['samples_per_s'] / synthetic:.2f} |",
             f"| end to end: S3 → Ray Data patch stream → Ray Train (run_training) | {end_to_end:.2f} | {ratio:.2f} |",
             f"| synthetic tensors on the device, after | {after['samples_per_s']:.2f} | "

@@ -148,7 +148,7 @@ class TrainConfig:
     init_from: str | None = None
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     channels_last: bool = True  # channels_last memory layout on GPU
-    compile: bool = False  # torch.compile the model on GPU
+    compile: bool = False  # torch.compile the update (CUDA graphs on one GPU); first updates pay the compile
     seed: int = 0  # seed of initialisation and of each worker's RNG
 
     def __post_init__(self) -> None:

@@ -1,8 +1,8 @@
 """Distributed EDSR/MDSR training on Ray Train V2, fed by the Ray Data patch stream and tracked in MLflow.
 
-Shape (as in Ray's own Train examples): :func:`train_loop_per_worker` runs on every worker; :func:`train_one_step`
-and :func:`validate` are its pieces; :func:`run_training` is the driver that builds the ``TorchTrainer``, and
-:func:`train` is what ``jobs/train.py`` calls.
+Shape (as in Ray's own Train examples): :func:`train_loop_per_worker` runs on every worker; :class:`UpdateStep` (one
+update), :class:`LossWindow` (loss checks without a host sync per update) and :func:`validate` are its pieces;
+:func:`run_training` is the driver that builds the ``TorchTrainer``, and :func:`train` is what ``jobs/train.py`` calls.
 
 Batch semantics: ``train.batch_size`` is the *global* batch (the paper's 16); each of the ``workers.num_workers``
 workers takes ``batch_size / num_workers`` patches per update and DDP averages the gradients, so one update sees the
@@ -56,32 +56,142 @@ def _precision(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def make_optimizer(model: torch.nn.Module, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
-    """Adam and the step schedule of the paper (``cfg`` is a TrainConfig)."""
+def make_optimizer(
+    model: torch.nn.Module, cfg, *, fused: bool = False, tensor_lr: bool = False
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
+    """Adam and the step schedule of the paper (``cfg`` is a TrainConfig).
+
+    ``fused``: one CUDA kernel for the whole update (GPU only). ``tensor_lr``: keep the learning rate in a tensor, so
+    that a compiled optimizer step reads the scheduler's changes instead of recompiling on each of them.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    lr = torch.tensor(cfg.lr) if tensor_lr else cfg.lr
+    optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     return optimizer, scheduler
 
 
-def train_one_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    lr: torch.Tensor,
-    hr: torch.Tensor,
-    scale: int,
-    autocast_dtype: torch.dtype | None,
-) -> torch.Tensor:
-    """One update: L1 between the model's output and the HR patches; returns the (detached) loss."""
-    with torch.autocast(device_type=lr.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        sr = model(lr, scale)  # (B, 3, P*s, P*s)
-        loss = F.l1_loss(sr.float(), hr)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return loss.detach()
+class UpdateStep:
+    """One update of the paper recipe: L1 between the model's output and the HR patches, Adam, the step schedule.
+
+    Eager (the default) or compiled with ``train.compile``. Eager on a GPU, Adam runs fused (one kernel for all
+    parameters). Compiled, the forward pass and its loss become one ``torch.compile`` graph (forward and backward
+    kernels generated and fused; on a single GPU captured in CUDA graphs, mode ``reduce-overhead``, which removes the
+    kernel-launch cost that bounds small models at batch 16) and the Adam update a second one, with the learning rate
+    in a tensor so that the schedule never recompiles it. With several workers the DDP model is compiled in the
+    default mode (gradient all-reduces happen between graphs). The first updates of each scale pay the compilation
+    (tens of seconds).
+
+    ``model`` is the prepared (DDP-wrapped where distributed) model; ``optimizer`` and ``scheduler`` are exposed for
+    checkpoints, ``load_state`` restores them in either form.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, *, world_size: int = 1) -> None:
+        self.model = model
+        self.autocast_dtype = _precision(cfg.precision, device)
+        self.compiled = bool(cfg.compile)
+        self.optimizer, self.scheduler = make_optimizer(
+            model, cfg, fused=device.type == "cuda" and not self.compiled, tensor_lr=self.compiled
+        )
+        if self.compiled:
+            mode = "reduce-overhead" if device.type == "cuda" and world_size == 1 else None
+            self._loss = torch.compile(self._forward_loss, mode=mode, dynamic=False)
+            optimizer = self.optimizer
+
+            def adam_update() -> None:
+                optimizer.step()
+
+            self._apply = torch.compile(adam_update)
+        else:
+            self._loss, self._apply = self._forward_loss, self.optimizer.step
+
+    def _forward_loss(self, lr: torch.Tensor, hr: torch.Tensor, scale: int) -> torch.Tensor:
+        with torch.autocast(lr.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            sr = self.model(lr, scale)  # (B, 3, P*s, P*s)
+        return F.l1_loss(sr.float(), hr)
+
+    def __call__(self, lr: torch.Tensor, hr: torch.Tensor, scale: int) -> torch.Tensor:
+        """One update on a batch; returns the loss as a detached 0-d tensor on the device (no host sync)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(lr, hr, scale)
+        loss.backward()
+        self._apply()
+        self.scheduler.step()
+        return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next update."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, train_state: dict[str, Any]) -> None:
+        """Restore optimizer and schedule from a checkpoint written by either form (float or tensor learning rate)."""
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        for group in self.optimizer.param_groups:
+            value = float(group["lr"])
+            group["lr"] = torch.tensor(value) if self.compiled else value
+        self.scheduler.base_lrs = [float(v) for v in self.scheduler.base_lrs]
+        self.scheduler._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]
+
+
+class LossWindow:
+    """Per-update losses kept on the device between checks, so that an update never waits for the host.
+
+    Reading a loss back after every update (as a plain loop does) stalls the GPU each time; here the losses are
+    written into a device buffer and read, all-reduced across the workers, once per ``check``: every ``log_every``
+    updates and before each validation/checkpoint, so a non-finite loss is still caught before a checkpoint could
+    save its weights, and the exact update where it appeared is still known.
+    """
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self._buffer = torch.zeros(size, dtype=torch.float32, device=device)
+        self._count = 0
+        self.total, self.count = 0.0, 0  # finite losses since the last ``reset``
+
+    def add(self, loss: torch.Tensor) -> None:
+        if self._count == self._buffer.numel():
+            raise EdsrRayError("LossWindow is full: call check() every `size` updates at most")
+        self._buffer[self._count] = loss
+        self._count += 1
+
+    @property
+    def full(self) -> bool:
+        return self._count == self._buffer.numel()
+
+    @property
+    def pending(self) -> int:
+        """Losses added since the last ``check``."""
+        return self._count
+
+    def check(self, world_size: int = 1) -> int | None:
+        """Fold the pending losses in; returns the 0-based offset of the first non-finite one among them, or None.
+
+        With several workers the losses are averaged across them first (a collective call: every worker must check
+        at the same update), so all workers agree on the outcome.
+        """
+        pending = self._buffer[: self._count]
+        if world_size > 1:
+            pending = pending.clone()
+            torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.AVG)
+        values = pending.cpu().numpy().astype(np.float64)
+        self._count = 0
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            return int(bad[0])
+        self.total += float(values.sum())
+        self.count += values.size
+        return None
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)
+
+    def reset(self) -> None:
+        self.total, self.count = 0.0, 0
 
 
 def validate(
@@ -138,7 +248,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    directory: Path, model: torch.nn.Module, optimizer, scheduler, step: int, meta: dict[str, Any]
+    directory: Path, model: torch.nn.Module, update: UpdateStep, step: int, meta: dict[str, Any]
 ) -> None:
     """Write a complete training checkpoint into ``directory`` (plain tensors and types: loads with weights_only)."""
     from edsr_ray.models import save_model
@@ -146,8 +256,7 @@ def save_checkpoint(
     save_model(model, directory / "model.pt")
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            **update.state_dict(),
             "step": step,
             "rng": _rng_state(),
         },
@@ -191,19 +300,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     elif tcfg.init_from:
         init_from(model, tcfg.init_from)
 
-    autocast_dtype = _precision(tcfg.precision, device)
     channels_last = tcfg.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # MDSR trains one upsampling branch per batch: the others get no gradient in that step.
     ddp_kwargs = {"find_unused_parameters": len(cfg.model.scales) > 1}
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
-    if tcfg.compile and device.type == "cuda":
-        model = torch.compile(model)
-    optimizer, scheduler = make_optimizer(model, tcfg)
+    update = UpdateStep(model, tcfg, device, world_size=world)
     if train_state is not None:
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
+        update.load_state(train_state)
         _set_rng_state(train_state["rng"])
 
     tracker = None
@@ -223,7 +328,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             f"{per_worker} each at scales {list(cfg.model.scales)}: raise data.epoch_patches"
         )
     best_psnr = float(loop_config.get("best_psnr", -math.inf))
-    window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+    losses = LossWindow(tcfg.log_every, device)
+    window_start, window_updates = time.perf_counter(), 0
     status = "finished"
     epoch = 0
     while step < tcfg.total_steps and status == "finished":
@@ -238,47 +344,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             num_batches=num_batches,
         )
         for lr, hr, scale in batches:
-            loss = train_one_step(model, optimizer, scheduler, lr, hr, scale, autocast_dtype)
+            losses.add(update(lr, hr, scale))
             step += 1
-            # Every rank must agree on a non-finite loss in the same step, or the others would wait forever in the
-            # next gradient all-reduce: average the loss across ranks (also the number worth logging).
-            if world > 1:
-                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
-            loss_value = float(loss)
-            if not math.isfinite(loss_value):
-                status = "nonfinite"
-                break
-            window_loss += loss_value
-            window_n += 1
-            if tracker is not None and step % tcfg.log_every == 0:
+            window_updates += 1
+            log_now = step % tcfg.log_every == 0
+            validate_now = step % tcfg.val_every == 0 or step == tcfg.total_steps
+            if log_now or validate_now or losses.full:
+                # The losses of the last updates, averaged across ranks: every rank takes the same decision.
+                pending = losses.pending
+                bad = losses.check(world)
+                if bad is not None:
+                    step = step - pending + bad + 1  # the update whose loss was first non-finite
+                    status = "nonfinite"
+                    break
+            if log_now:
                 elapsed = time.perf_counter() - window_start
-                tracker.log_metrics(
-                    {
-                        "loss": window_loss / window_n,
-                        "lr": scheduler.get_last_lr()[0],
-                        "patches_per_s": window_n * tcfg.batch_size / elapsed,
-                        "epoch": epoch,
-                    },
-                    step,
-                )
-            if step % tcfg.log_every == 0:
-                log.info("step %d/%d loss %.4f", step, tcfg.total_steps, window_loss / max(window_n, 1))
-                window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
-            if step % tcfg.val_every == 0 or step == tcfg.total_steps:
+                if tracker is not None:
+                    tracker.log_metrics(
+                        {
+                            "loss": losses.mean,
+                            "lr": update.lr,
+                            "patches_per_s": window_updates * tcfg.batch_size / elapsed,
+                            "epoch": epoch,
+                        },
+                        step,
+                    )
+                log.info("step %d/%d loss %.4f", step, tcfg.total_steps, losses.mean)
+                losses.reset()
+                window_start, window_updates = time.perf_counter(), 0
+            if validate_now:
                 best_psnr = _validate_and_checkpoint(
-                    model,
-                    optimizer,
-                    scheduler,
-                    step,
-                    rank,
-                    val_images,
-                    device,
-                    tcfg.precision,
-                    tracker,
-                    best_psnr,
-                    loop_config,
+                    model, update, step, rank, val_images, device, tcfg.precision, tracker, best_psnr, loop_config
                 )
-                window_start = time.perf_counter()
+                window_start, window_updates = time.perf_counter(), 0
             if step >= tcfg.total_steps:
                 break
     if status == "nonfinite" and tracker is not None:
@@ -287,7 +385,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate_and_checkpoint(
-    model, optimizer, scheduler, step, rank, val_images, device, precision, tracker, best_psnr, loop_config
+    model, update, step, rank, val_images, device, precision, tracker, best_psnr, loop_config
 ) -> float:
     """Rank 0 validates and writes the checkpoint; every rank reports (``ray.train.report`` is a barrier)."""
     import ray.train
@@ -298,7 +396,7 @@ def _validate_and_checkpoint(
         return best_psnr
     val_metrics, picture = validate(model, val_images, device, precision) if val_images else ({}, None)
     metrics.update(val_metrics)
-    metrics["lr"] = scheduler.get_last_lr()[0]
+    metrics["lr"] = update.lr
     score = metrics.get("val_psnr", float(step))
     metrics["val_psnr"] = score  # the checkpoint score attribute must always be present
     best_psnr = max(best_psnr, score)
@@ -311,8 +409,7 @@ def _validate_and_checkpoint(
         save_checkpoint(
             Path(tmp),
             model,
-            optimizer,
-            scheduler,
+            update,
             step,
             {"metrics": metrics, "mlflow_run_id": loop_config.get("mlflow_run_id")},
         )
@@ -426,10 +523,14 @@ def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutco
     outcome_state = result.return_value or {}
     if outcome_state.get("status") == "nonfinite":
         logger.end("FAILED")
-        last = result.checkpoint.path if result.checkpoint else "none"
+        kept = (
+            f"the last good checkpoint is kept at {result.checkpoint.path}"
+            if result.checkpoint
+            else "no checkpoint had been written yet"
+        )
         raise NonFiniteLossError(
             f"training run {cfg.run.name!r}: the loss became NaN/Inf at update {outcome_state.get('step')}; "
-            f"stopped, the last good checkpoint is kept at {last}. Lower train.lr or check the data."
+            f"stopped, {kept}. Lower train.lr or check the data."
         )
     best = result.get_best_checkpoint("val_psnr", "max") if result.checkpoint else None
     outcome = TrainOutcome(
