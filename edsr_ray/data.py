@@ -606,6 +606,44 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class ScaleAgreement:
+    """Lets the DDP ranks of a multi-scale (MDSR) run train every update at one common scale, as the paper does.
+
+    Without it each rank would draw its own scale: the shared body would still learn, but each upsampling branch would
+    get its gradient averaged with the zeros of the ranks that did not use it. With it, before each batch the ranks
+    exchange how many pooled patches of each scale they hold (one small all-reduce on a CPU process group: no GPU
+    sync) and all take the same scale, drawn by an RNG seeded alike on every rank among the scales every rank can
+    serve, weighted by what the emptiest rank holds. If no scale can be served yet, ranks that still have data read
+    more; when none can, the epoch ends for all of them at the same batch.
+
+    ``group``: a gloo process group (``torch.distributed.new_group(backend="gloo")`` when the default group is NCCL),
+    or None for the default group when that is already gloo. ``seed`` must be equal on every rank.
+    """
+
+    MORE = -1  # decision: read more data, then ask again
+    END = 0  # decision: the epoch is over for every rank
+
+    def __init__(self, scales: Sequence[int], seed: int, group: Any = None) -> None:
+        self.scales = tuple(int(s) for s in scales)
+        self.rng = np.random.default_rng(seed)
+        self.group = group
+
+    def decide(self, sizes: Sequence[int], batch_size: int, exhausted: bool) -> int:
+        """A scale every rank can batch now, or ``MORE`` / ``END`` (collective: every rank calls it in step)."""
+        import torch
+        import torch.distributed as dist
+
+        # One MIN all-reduce carries both: the smallest pool of each scale, and -1 if any rank can still read.
+        state = torch.tensor([*sizes, 0 if exhausted else -1], dtype=torch.int64)
+        dist.all_reduce(state, op=dist.ReduceOp.MIN, group=self.group)
+        smallest = state[:-1].numpy().astype(np.float64)
+        anyone_reading = int(state[-1]) < 0
+        eligible = np.where(smallest >= batch_size, smallest, 0.0)
+        if eligible.sum() > 0:
+            return self.scales[int(self.rng.choice(len(self.scales), p=eligible / eligible.sum()))]
+        return self.MORE if anyone_reading else self.END
+
+
 def iter_training_batches(
     shard: Any,
     batch_size: int,
@@ -615,56 +653,51 @@ def iter_training_batches(
     channels_last: bool = False,
     seed: int | None = None,
     num_batches: int | None = None,
+    agreement: ScaleAgreement | None = None,
     shuffle_patches: int = 512,
     prefetch_blocks: int = 4,
 ) -> Iterator[TrainingBatch]:
     """One epoch of single-scale training batches from a Ray Train dataset shard (or a whole Dataset).
 
     ``shard`` is what ``ray.train.get_dataset_shard("train")`` returns for a :func:`patch_dataset`. Patches are
-    pooled per scale and batches drawn at random from the pool (``shuffle_patches`` patches in all), which mixes
-    several images into each batch; a batch's scale is that of a random pooled patch, so scales come out as often
-    as the epoch holds them - equally often, as the datasource deals them out evenly. Each batch is
-    ``batch_size`` patches of one scale, as float (B, 3, H, W) in [0, 255] on ``device`` (see
-    :func:`to_model_batch`); ``TrainingBatch`` unpacks as ``lr, hr, scale``.
+    pooled per scale and batches drawn at random from the pool (at least ``shuffle_patches`` patches pooled before a
+    draw while the stream lasts), which mixes several images into each batch; a batch's scale is that of a random
+    pooled patch, so scales come out as often as the epoch holds them - equally often, as the datasource deals them
+    out evenly. Each batch is ``batch_size`` patches of one scale, as float (B, 3, H, W) in [0, 255] on ``device``
+    (see :func:`to_model_batch`); ``TrainingBatch`` unpacks as ``lr, hr, scale``.
 
     ``num_batches``: stop after that many batches and discard the rest of the epoch (it is still read, so that the
-    ranks of a streaming split finish the epoch together). With several scales under DDP, pass
-    ``batches_per_epoch(cfg, batch_size, world_size, scales)`` so that every rank takes the same number of steps.
-    ``seed`` seeds the pool's draws (None: fresh entropy).
+    ranks of a streaming split finish the epoch together). ``seed`` seeds the pool's draws (None: fresh entropy).
+
+    With several scales under DDP the ranks must take the same number of steps: pass an ``agreement``
+    (:class:`ScaleAgreement`, which also makes every update single-scale across the ranks, and ends the epoch for all
+    ranks at once; ``num_batches`` is then a cap) or ``num_batches=batches_per_epoch(cfg.data, batch_size,
+    world_size, scales)`` (each rank then draws its own scales and must reach that count).
     """
     scales = tuple(int(s) for s in scales)
     if batch_size < 1:
         raise EdsrRayError(f"batch_size must be >= 1, got {batch_size}")
-    if num_batches is None and len(scales) > 1 and _world_size() > 1:
+    if num_batches is None and agreement is None and len(scales) > 1 and _world_size() > 1:
         raise EdsrRayError(
             "with several scales under DDP, ranks may hold different numbers of full single-scale batches; pass "
-            "num_batches=batches_per_epoch(cfg.data, batch_size, world_size, scales) so every rank takes the same "
-            "number of steps"
+            "agreement=ScaleAgreement(...) or num_batches=batches_per_epoch(cfg.data, batch_size, world_size, "
+            "scales) so every rank takes the same number of steps"
         )
+    if agreement is not None and agreement.scales != scales:
+        raise EdsrRayError(f"the agreement is for scales {list(agreement.scales)}, the batches for {list(scales)}")
     rng = np.random.default_rng(seed)
     pools = {s: _Pool() for s in scales}
     threshold = max(shuffle_patches, batch_size * len(scales))
-    emitted = 0
+    blocks = iter(shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_blocks))
+    exhausted = False
 
-    def draw(final: bool) -> tuple[np.ndarray, np.ndarray, int] | None:
-        sizes = np.array([pools[s].size for s in scales], dtype=np.float64)
-        if not final and sizes.sum() < threshold:
-            return None
-        eligible = np.where(sizes >= batch_size, sizes, 0.0)
-        if eligible.sum() == 0:
-            return None
-        scale = scales[int(rng.choice(len(scales), p=eligible / eligible.sum()))]
-        lr, hr = pools[scale].take(batch_size, rng)
-        return lr, hr, scale
-
-    def emit(item: tuple[np.ndarray, np.ndarray, int]) -> TrainingBatch:
-        lr, hr = to_model_batch({"lr": item[0], "hr": item[1]}, device=device, channels_last=channels_last)
-        return TrainingBatch(lr, hr, item[2])
-
-    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_blocks)
-    for block in blocks:
-        if num_batches is not None and emitted >= num_batches:
-            continue  # drain: finish the epoch without batching
+    def pull() -> None:
+        """Pool the next block of the stream (or note that the stream has ended)."""
+        nonlocal exhausted
+        block = next(blocks, None)
+        if block is None:
+            exhausted = True
+            return
         block_scales = np.asarray(block["scale"])
         for scale in np.unique(block_scales).tolist():
             if scale not in pools:
@@ -672,13 +705,40 @@ def iter_training_batches(
             rows = block_scales == scale
             lr, hr = block["lr"], block["hr"]
             pools[scale].push(lr if rows.all() else lr[rows], hr if rows.all() else hr[rows])
-        while (num_batches is None or emitted < num_batches) and (item := draw(final=False)) is not None:
-            emitted += 1
-            yield emit(item)
-    while (num_batches is None or emitted < num_batches) and (item := draw(final=True)) is not None:
+
+    def next_scale() -> int | None:
+        """This batch's scale, reading from the stream as needed; None when the epoch is over."""
+        while True:
+            while not exhausted and sum(p.size for p in pools.values()) < threshold:
+                pull()
+            sizes = [pools[s].size for s in scales]
+            if agreement is not None:
+                decision = agreement.decide(sizes, batch_size, exhausted)
+                if decision == ScaleAgreement.END:
+                    return None
+                if decision != ScaleAgreement.MORE:
+                    return decision
+            else:
+                eligible = np.array([n if n >= batch_size else 0 for n in sizes], dtype=np.float64)
+                if eligible.sum() > 0:
+                    return scales[int(rng.choice(len(scales), p=eligible / eligible.sum()))]
+                if exhausted:
+                    return None
+            if not exhausted:
+                pull()
+
+    emitted = 0
+    while num_batches is None or emitted < num_batches:
+        scale = next_scale()
+        if scale is None:
+            break
+        lr, hr = pools[scale].take(batch_size, rng)
         emitted += 1
-        yield emit(item)
-    if num_batches is not None and emitted < num_batches:
+        lr_t, hr_t = to_model_batch({"lr": lr, "hr": hr}, device=device, channels_last=channels_last)
+        yield TrainingBatch(lr_t, hr_t, scale)
+    for _ in blocks:
+        pass  # drain: finish the epoch, so that the ranks of a streaming split end it together
+    if agreement is None and num_batches is not None and emitted < num_batches:
         raise EdsrRayError(
             f"the epoch ended after {emitted} batches, fewer than num_batches={num_batches}; compute it with "
             "batches_per_epoch() from the same epoch_patches, batch size and number of workers"

@@ -320,7 +320,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     shard = ray.train.get_dataset_shard("train")
     per_worker = tcfg.batch_size // world
-    # Every rank must take the same number of steps per epoch (DDP), whatever mix of scales its shard received.
+    # MDSR under DDP: the ranks agree on each update's scale over a CPU (gloo) group, so no GPU sync is involved.
+    scale_group, multi_scale = None, len(cfg.model.scales) > 1 and world > 1
+    if multi_scale and torch.distributed.get_backend() != "gloo":
+        scale_group = torch.distributed.new_group(backend="gloo")
+    # Every rank must take the same number of steps per epoch (DDP), whatever mix of scales its shard received: with
+    # one scale exactly this many; with several the agreement ends the epoch on all ranks together, this is a cap.
     num_batches = data_lib.batches_per_epoch(cfg.data, per_worker, world, cfg.model.scales)
     if num_batches < 1:
         raise EdsrRayError(
@@ -342,7 +347,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             channels_last=channels_last,
             seed=tcfg.seed + 7919 * step + rank,
             num_batches=num_batches,
+            # The same seed on every rank: the same scale draws (step is equal on all ranks at an epoch's start).
+            agreement=data_lib.ScaleAgreement(cfg.model.scales, tcfg.seed + 7919 * step, scale_group)
+            if multi_scale
+            else None,
         )
+        epoch_start = step
         for lr, hr, scale in batches:
             losses.add(update(lr, hr, scale))
             step += 1
@@ -379,6 +389,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 window_start, window_updates = time.perf_counter(), 0
             if step >= tcfg.total_steps:
                 break
+        if step == epoch_start:
+            raise EdsrRayError(
+                f"epoch {epoch} gave no batch of {per_worker} patches at one scale on every worker: raise "
+                f"data.epoch_patches (now {cfg.data.epoch_patches})"
+            )
     if status == "nonfinite" and tracker is not None:
         tracker.log_text(f"loss became non-finite at update {step}\n", "errors/nonfinite_loss.txt")
     return {"status": status, "step": step, "best_psnr": best_psnr}

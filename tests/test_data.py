@@ -208,6 +208,78 @@ def test_mdsr_batches_hold_one_scale_drawn_evenly(root):
         list(data.iter_training_batches(ds, batch, scales, num_batches=1000))
 
 
+_AGREEMENT_RANK = """
+import json, sys
+import numpy as np
+import torch.distributed as dist
+from edsr_ray import data
+
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+
+class Shard:  # what iter_training_batches reads from a Ray Train dataset shard
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def iter_batches(self, **kwargs):
+        return iter(self.blocks)
+
+
+next_id = 100 * rank
+
+
+def block(scale, n):
+    global next_id
+    ids = np.arange(next_id, next_id + n, dtype=np.uint8)
+    next_id += n
+    lr = np.broadcast_to(ids[:, None, None, None], (n, 4, 4, 3))
+    hr = np.broadcast_to(ids[:, None, None, None], (n, 4 * scale, 4 * scale, 3))
+    return {"lr": lr, "hr": hr, "scale": np.full(n, scale)}
+
+
+# The shards disagree as much as they can: rank 0 streams its x2 patches first, rank 1 its x3 ones; only rank 1
+# holds x4 patches, and the ranks hold different amounts.
+if rank == 0:
+    blocks = [block(2, 8) for _ in range(5)] + [block(3, 8) for _ in range(3)]
+else:
+    blocks = [block(3, 8) for _ in range(3)] + [block(4, 8) for _ in range(2)] + [block(2, 8) for _ in range(6)]
+agreement = data.ScaleAgreement((2, 3, 4), seed=5, group=dist.new_group(backend="gloo"))
+seen = []
+for lr, hr, scale in data.iter_training_batches(Shard(blocks), 4, (2, 3, 4), seed=rank, agreement=agreement,
+                                                shuffle_patches=8):
+    assert hr.shape[-1] == 4 * scale and lr.shape[-1] == 4
+    seen.append([scale, sorted(int(v) for v in lr[:, 0, 0, 0])])
+json.dump(seen, open(out, "w"))
+"""
+
+
+def test_ranks_agree_on_every_batch_scale_whatever_their_shards_hold(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(_AGREEMENT_RANK)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), str(port), str(tmp_path / f"{r}.json")])
+        for r in range(2)
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0  # a disagreement would hang a collective, then time out
+    seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    scales = [[scale for scale, _ in rank] for rank in seen]
+    assert scales[0] == scales[1]  # the same scale at every update on both ranks
+    # Everything both ranks can serve is used: x2 (40 on rank 0), x3 (24 on both); x4 (rank 1 only) never.
+    assert Counter(scales[0]) == {2: 10, 3: 6}
+    for rank in seen:
+        ids = [i for _, batch in rank for i in batch]
+        assert len(ids) == len(set(ids)) == 64  # no patch twice
+
+
 def test_to_model_batch_layouts():
     rng = np.random.default_rng(0)
     batch = {"lr": rng.integers(0, 256, (4, 6, 5, 3), dtype=np.uint8), "hr": rng.integers(0, 256, (4, 12, 10, 3))}
