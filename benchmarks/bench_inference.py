@@ -16,24 +16,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import append_results, load_average, machine  # what every benchmark here records
 
 from edsr_ray.inference import Upscaler
 from edsr_ray.models import edsr_baseline, edsr_paper, receptive_radius
 from edsr_ray.samples import photo
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
-HEADER = "# Benchmark results\n\nAppended by the scripts in this folder; each section names the machine it ran on.\n"
 LR_SHAPE = (270, 480)
 SCALE = 4
 # glibc settings that keep freed memory in the process instead of unmapping every large block (see bench_model).
@@ -52,23 +49,6 @@ class Case:
     @property
     def images_per_s(self) -> float:
         return self.images / statistics.median(self.times)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads); torch {torch.__version__}; {gpu}; "
-        f"load average at start {load}"
-    )
 
 
 def run_rounds(cases: list[Case], iters: int, warmup: int, device: torch.device) -> None:
@@ -184,7 +164,10 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     iters = args.iters or (20 if on_gpu else 3)
     paper_iters = args.paper_iters or (10 if on_gpu else 1)
-    machine_line = machine()
+    machine_line = (
+        f"{machine(device.type)}; {torch.get_num_threads()} torch threads; load average (1/5/15 min) {load_average()} "
+        "at start"
+    )
     print(machine_line, flush=True)
     torch.manual_seed(0)
 
@@ -206,10 +189,7 @@ def main() -> None:
     text = report(all_cases, machine_line, device)
     print(text)
     if not args.no_write:
-        if not RESULTS.exists():
-            RESULTS.write_text(HEADER)
-        with RESULTS.open("a") as f:
-            f.write(text)
+        append_results(text)
 
 
 if __name__ == "__main__":

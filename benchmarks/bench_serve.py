@@ -17,15 +17,13 @@ size, so the ratio there says little; it measures the service's overhead instead
 import argparse
 import asyncio
 import os
-import platform
 import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
-HEADER = "# Benchmark results\n\nAppended by the scripts in this folder; each section names the machine it ran on.\n"
+from _machine import append_results, load_average, machine  # what every benchmark here records
 
 
 @dataclass
@@ -46,23 +44,6 @@ class Outcome:
             return float("nan")
         ordered = sorted(self.latencies_ms)
         return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def machine(device: str) -> str:
-    import ray
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    parts = [f"{cpu}, {os.cpu_count()} cores", f"torch {torch.__version__}", f"ray {ray.__version__}"]
-    parts.append(f"GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else "CPU only")
-    return "; ".join(parts)
 
 
 def _free_port() -> int:
@@ -189,7 +170,7 @@ def main() -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
-    machine_line = machine(args.device)
+    machine_line = f"{machine(args.device)}; load average (1/5/15 min) {load_average()} at start"
     print(machine_line, flush=True)
     torch.manual_seed(0)
     net = edsr_baseline(args.scale) if args.model == "baseline" else EDSR(1, 8, args.scale)
@@ -234,10 +215,7 @@ def main() -> None:
     text = report(outcomes, args, machine_line)
     print(text)
     if not args.no_write:
-        if not RESULTS.exists():
-            RESULTS.write_text(HEADER)
-        with RESULTS.open("a") as f:
-            f.write(text)
+        append_results(text)
 
 
 if __name__ == "__main__":
