@@ -57,18 +57,25 @@ def _precision(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def make_optimizer(
-    model: torch.nn.Module, cfg, *, fused: bool = False, tensor_lr: bool = False
+    model: torch.nn.Module, cfg, *, fused: bool = False, tensor_lr: bool = False, capturable: bool = False
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
     """Adam and the step schedule of the paper (``cfg`` is a TrainConfig).
 
     ``fused``: one CUDA kernel for the whole update (GPU only). ``tensor_lr``: keep the learning rate in a tensor, so
     that a compiled optimizer step reads the scheduler's changes instead of recompiling on each of them.
+    ``capturable``: keep Adam's step counts on the device, as CUDA graphs need (GPU only).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     lr = torch.tensor(cfg.lr) if tensor_lr else cfg.lr
-    optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    optimizer = torch.optim.Adam(
+        params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None, capturable=capturable
+    )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     return optimizer, scheduler
+
+
+# Adam options that choose how the update is computed, not what it computes.
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
 class UpdateStep:
@@ -90,8 +97,13 @@ class UpdateStep:
         self.model = model
         self.autocast_dtype = _precision(cfg.precision, device)
         self.compiled = bool(cfg.compile)
+        on_gpu = device.type == "cuda"
         self.optimizer, self.scheduler = make_optimizer(
-            model, cfg, fused=device.type == "cuda" and not self.compiled, tensor_lr=self.compiled
+            model,
+            cfg,
+            fused=on_gpu and not self.compiled,
+            tensor_lr=self.compiled,
+            capturable=on_gpu and self.compiled,
         )
         if self.compiled:
             mode = "reduce-overhead" if device.type == "cuda" and world_size == 1 else None
@@ -128,8 +140,17 @@ class UpdateStep:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state(self, train_state: dict[str, Any]) -> None:
-        """Restore optimizer and schedule from a checkpoint written by either form (float or tensor learning rate)."""
-        self.optimizer.load_state_dict(train_state["optimizer"])
+        """Restore optimizer and schedule from a checkpoint written by either form (float or tensor learning rate).
+
+        The checkpoint's Adam implementation flags are replaced by this step's before loading (``load_state_dict``
+        would otherwise bring back the writer's fused/capturable choice, and place the moments by it).
+        """
+        saved = dict(train_state["optimizer"])
+        saved["param_groups"] = [
+            {**group, **{k: live[k] for k in _IMPLEMENTATION_FLAGS if k in live}}
+            for group, live in zip(saved["param_groups"], self.optimizer.param_groups)
+        ]
+        self.optimizer.load_state_dict(saved)
         self.scheduler.load_state_dict(train_state["scheduler"])
         for group in self.optimizer.param_groups:
             value = float(group["lr"])
@@ -389,7 +410,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 window_start, window_updates = time.perf_counter(), 0
             if step >= tcfg.total_steps:
                 break
-        if step == epoch_start:
+        if status == "finished" and step == epoch_start:
             raise EdsrRayError(
                 f"epoch {epoch} gave no batch of {per_worker} patches at one scale on every worker: raise "
                 f"data.epoch_patches (now {cfg.data.epoch_patches})"

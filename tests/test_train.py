@@ -110,6 +110,25 @@ def test_compiled_update_matches_eager_and_never_recompiles_for_the_schedule():
     assert resumed.lr == back.lr == pytest.approx(1e-3 * 0.5**4)
 
 
+def test_resume_uses_this_runs_adam_implementation_not_the_writers():
+    # A GPU run's checkpoint says foreach/capturable; resumed on a CPU (or in another mode) the update must run as
+    # this run builds it: capturable Adam refuses CPU tensors, so keeping the writer's flags would fail here.
+    torch.manual_seed(0)
+    batch = _random_batches(1)[0]
+    writer = UpdateStep(EDSR(n_resblocks=1, n_feats=8, scale=2), TrainConfig(), torch.device("cpu"))
+    writer(*batch, 2)
+    state = writer.state_dict()
+    for group in state["optimizer"]["param_groups"]:
+        group.update(foreach=True, capturable=True)
+    reader = UpdateStep(EDSR(n_resblocks=1, n_feats=8, scale=2), TrainConfig(), torch.device("cpu"))
+    reader.load_state(state)
+    group = reader.optimizer.param_groups[0]
+    assert group["capturable"] is False and group["foreach"] is None
+    assert state["optimizer"]["param_groups"][0]["capturable"] is True  # the checkpoint itself is left as it was
+    reader(*batch, 2)
+    assert reader.scheduler.last_epoch == 2
+
+
 @pytest.mark.gpu
 def test_gpu_updates_fused_and_in_cuda_graphs_follow_the_fp32_cpu_recipe():
     """On a GPU: the eager update (bf16 autocast, fused Adam) and the compiled one (CUDA graphs) track fp32 on CPU."""
