@@ -125,9 +125,18 @@ class UpdateStep:
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor, scale: int) -> torch.Tensor:
         """One update on a batch; returns the loss as a detached 0-d tensor on the device (no host sync)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(lr, hr, scale)
-        loss.backward()
-        self._apply()
+        try:
+            loss = self._loss(lr, hr, scale)
+            loss.backward()
+            self._apply()
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # compiled lazily: first call, each new scale
+            cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+            lines = str(cause).strip().splitlines()
+            reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+            raise EdsrRayError(
+                f"train.compile=true: torch.compile could not compile the update on {lr.device} ({reason}); "
+                "set train.compile=false to train without it"
+            ) from exc
         self.scheduler.step()
         return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
 

@@ -110,6 +110,22 @@ def test_compiled_update_matches_eager_and_never_recompiles_for_the_schedule():
     assert resumed.lr == back.lr == pytest.approx(1e-3 * 0.5**4)
 
 
+def test_a_compiler_failure_is_a_clear_error_naming_the_setting(monkeypatch):
+    import edsr_ray.train as train_module
+
+    real_compile = torch.compile
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(train_module.torch, "compile", lambda fn, **kw: real_compile(fn, backend=no_compiler))
+    torch._dynamo.reset()
+    update = UpdateStep(EDSR(n_resblocks=1, n_feats=8, scale=2), TrainConfig(compile=True), torch.device("cpu"))
+    with pytest.raises(EdsrRayError, match=r"train.compile=true: .*no C\+\+ compiler found.*train.compile=false"):
+        update(*_random_batches(1)[0], 2)
+    torch._dynamo.reset()
+
+
 def test_resume_uses_this_runs_adam_implementation_not_the_writers():
     # A GPU run's checkpoint says foreach/capturable; resumed on a CPU (or in another mode) the update must run as
     # this run builds it: capturable Adam refuses CPU tensors, so keeping the writer's flags would fail here.
