@@ -409,7 +409,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                         },
                         step,
                     )
-                log.info("step %d/%d loss %.4f", step, tcfg.total_steps, losses.mean)
+                if rank == 0:
+                    log.info("step %d/%d loss %.4f lr %.3g", step, tcfg.total_steps, losses.mean, update.lr)
                 losses.reset()
                 window_start, window_updates = time.perf_counter(), 0
             if validate_now:
@@ -533,6 +534,9 @@ def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutco
     logger.log_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), "config.json")
 
     train_ds = data_lib.patch_dataset(cfg.data, cfg.model.scales, storage=cfg.storage, split="train")
+    # One progress line per log_every updates comes from rank 0; Ray Data's per-epoch bars (drawn with terminal
+    # cursor codes from a remote actor) would only clutter the job's log.
+    train_ds.context.enable_progress_bars = False
     workers = cfg.workers
     resources = {"CPU": workers.cpus_per_worker}
     if workers.use_gpu:
