@@ -206,7 +206,8 @@ class LossWindow:
         pending = self._buffer[: self._count]
         if world_size > 1:
             pending = pending.clone()
-            torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.AVG)
+            torch.distributed.all_reduce(pending)  # a sum, then divided: gloo had no AVG until 2025 releases
+            pending /= world_size
         values = pending.cpu().numpy().astype(np.float64)
         self._count = 0
         bad = np.flatnonzero(~np.isfinite(values))
