@@ -486,7 +486,11 @@ def run_upscale(
     }
     manifest = pa.concat_tables([p.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA) for p in parts])
     summary = Summary(manifest, seconds, time.perf_counter() - started, interrupted, removed, settings)
-    write_reports(summary, output_uri, allow_failures, cfg)
+    try:
+        write_reports(summary, output_uri, allow_failures, cfg)
+    except StorageError as exc:
+        # The images are written; only the reports are missing. A re-run skips the finished images and writes them.
+        interrupted = interrupted or f"the run's reports could not be written: {exc}"
     if interrupted:
         raise UpscaleInterrupted(
             f"the run stopped after {summary.written} of {len(pending)} images: {interrupted}; outputs written so "

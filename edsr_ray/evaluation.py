@@ -681,7 +681,28 @@ def resolve_models(specs: Sequence[ModelSpec], ensemble: str, cfg: StorageConfig
                     "scale from one model: give them different labels"
                 )
         out.append(_ResolvedModel(spec, tuple(model.scales), variants, model_checkpoint(model)))
+    _check_columns(out)
     return out
+
+
+def _check_columns(models: Sequence[_ResolvedModel]) -> None:
+    """Every table column holds one model family, and no two columns share a file/metric name."""
+    owners: dict[str, str] = {}  # column label -> the --model label it comes from
+    names: dict[str, str] = {}  # safe_name(column) -> column label
+    for m in models:
+        for v in m.variants:
+            owner = owners.setdefault(v.label, v.model)
+            if owner != v.model:
+                raise EvaluationError(
+                    f"the column {v.label!r} would hold both --model {owner} and the self-ensemble of --model "
+                    f"{v.model}: rename one of them (labels ending in '+' are taken by self-ensembles)"
+                )
+            other = names.setdefault(safe_name(v.label), v.label)
+            if other != v.label:
+                raise EvaluationError(
+                    f"the columns {other!r} and {v.label!r} would share the file and metric name "
+                    f"{safe_name(v.label)!r}: rename one of them"
+                )
 
 
 def plan_items(

@@ -25,6 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from edsr_ray.errors import ImageError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
+# Largest side each lossy format can store (libwebp: 16383; baseline JPEG: 65535, libjpeg allows 65500).
+MAX_SIDE = {"jpeg": 65500, "webp": 16383}
 
 MAX_PIXELS_DEFAULT = 40_000_000
 """Default decompression-bomb limit: width × height above this is refused before decoding (40 MP ≈ 7750×5160)."""
@@ -421,10 +423,11 @@ def _decode_png_fast(data: bytes, info: _PngInfo, name: str) -> DecodedImage:
     alpha = None
     if ct in (0, 2):
         colour = pixels if pixels.ndim == 2 else pixels[..., 0] if ct == 0 else pixels[..., :3]
-        if info.trns is not None:
-            # tRNS on grey/RGB names one sample value (2 bytes per channel, big-endian) that is fully transparent.
-            key = np.array(struct.unpack(f">{len(info.trns) // 2}H", info.trns[: len(info.trns) // 2 * 2]))
-            match = colour == key[0] if ct == 0 else np.all(colour == key[:3], axis=-1)
+        # tRNS on grey/RGB names one sample value (2 bytes per channel, big-endian) that is fully transparent; a
+        # chunk of any other length is ignored, as libpng does.
+        if info.trns is not None and len(info.trns) == (2 if ct == 0 else 6):
+            key = np.array(struct.unpack(f">{len(info.trns) // 2}H", info.trns))
+            match = colour == key[0] if ct == 0 else np.all(colour == key, axis=-1)
             alpha = np.where(match, 0, (1 << depth) - 1).astype(colour.dtype)
     else:  # 4 = grey + alpha, 6 = RGBA
         colour = pixels[..., 0] if ct == 4 else pixels[..., :3]
@@ -611,6 +614,12 @@ def encode_image(
 
     if not 1 <= int(quality) <= 100:
         raise ImageError(f"quality must be in 1..100, got {quality!r}")
+    limit = MAX_SIDE[fmt]
+    if max(pixels.shape[:2]) > limit:
+        raise ImageError(
+            f"a {pixels.shape[1]}x{pixels.shape[0]} image is too large for {fmt.upper()} (at most {limit} pixels a "
+            "side): choose PNG for this output"
+        )
     pixels = _to_8bit(pixels)
     buffer = io.BytesIO()
     if fmt == "jpeg":

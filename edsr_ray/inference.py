@@ -248,6 +248,14 @@ class Upscaler:
         if getattr(unwrap_model(model), "config", None) is None:
             raise ConfigError(f"{type(model).__name__} has no .config; build it with edsr_ray.models")
         self.model = unwrap_model(model)  # DDP / torch.compile wrappers: run (and copy) the network inside
+        config = self.model.config
+        if config.n_colors != 3:
+            raise ConfigError(
+                f"the model works on {config.n_colors} colour channel(s); images are upscaled by RGB models "
+                "(n_colors=3)"
+            )
+        # Images are in [0, 255]; a network trained in [0, rgb_range] (some forks use 1) gets them rescaled.
+        self._range = float(config.rgb_range) / 255.0
         self.tile = None if tile is None else int(tile)
         self.self_ensemble = bool(self_ensemble)
         self.precision = precision
@@ -448,6 +456,8 @@ class Upscaler:
         """
         outs = []
         for xc in x.split(max_batch):
+            if self._range != 1.0:
+                xc = xc * self._range
             y = _call(module, xc, scale, self.dtype, self.device)
             if self.dtype != torch.float32:
                 bad = ~torch.isfinite(y).flatten(1).all(dim=1)  # (N,)
@@ -463,7 +473,7 @@ class Upscaler:
                     )
                     fp32 = _prepared(self.model, self.device, torch.float32, False)
                     y[bad] = _call(fp32, xc[bad], scale, torch.float32, self.device)
-            outs.append(y)
+            outs.append(y if self._range == 1.0 else y / self._range)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _ensemble(self, module: nn.Module, x: torch.Tensor, scale: int, max_batch: int) -> torch.Tensor:

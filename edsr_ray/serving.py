@@ -414,8 +414,23 @@ class EdsrModel:
         self._settings = load_settings(settings, source=f"{MODEL_DEPLOYMENT} settings")
         s = self._settings
 
+        loading: dict[str, asyncio.Future] = {}
+
         async def load(name: str) -> _Loaded:  # a plain function: serve.multiplexed keeps its cache on it
-            return await self._load(name)
+            # The load runs as its own task, shielded: a request that times out while waiting for it must not abort
+            # it (the next request for the model would start the download over, and a slow store never finish).
+            task = loading.get(name)
+            if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+                task = loading[name] = asyncio.ensure_future(self._load(name))
+            try:
+                loaded = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                raise  # the task goes on; the next request for the model takes its result
+            except BaseException:
+                loading.pop(name, None)
+                raise
+            loading.pop(name, None)
+            return loaded
 
         self._get_model = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load)
         # @serve.batch is applied at class level; its size and wait come from the settings.
@@ -734,11 +749,20 @@ class EdsrIngress:
             return model, scale
         if scale is None:
             return await self._choose(s.default, None)
-        offered = {}
+        offered: dict[str, Any] = {}
+        unavailable: RequestRejected | None = None
         for name in [s.default, *(n for n in s.models if n != s.default)]:
-            offered[name] = (await self._model_info(name))["scales"]
+            try:
+                offered[name] = (await self._model_info(name))["scales"]
+            except RequestRejected as exc:  # a model that cannot load must not hide one that can
+                if exc.status < 500:
+                    raise
+                unavailable, offered[name] = exc, "unavailable"
+                continue
             if scale in offered[name]:
                 return name, scale
+        if unavailable is not None:
+            raise unavailable
         raise RequestRejected(422, "bad_scale", f"no configured model upscales by x{scale}; models offer {offered}")
 
     # ---- the upscale request ---------------------------------------------------------------------------------------
@@ -746,7 +770,7 @@ class EdsrIngress:
     async def _upscale(
         self, request: Request, scale: int | None, model: str | None, fmt: str, self_ensemble: bool, quality: int
     ) -> Response:
-        from edsr_ray.imaging import content_type, decode_image, encode_image
+        from edsr_ray.imaging import MAX_SIDE, content_type, decode_image, encode_image
 
         s = self._settings
         output_format(fmt, None)  # a bad format is refused before the body is read
@@ -759,6 +783,15 @@ class EdsrIngress:
         data, name = await image_from_body(request.headers, body)
         width, height, in_format = check_image(data, name=name, max_pixels=s.max_pixels)
         name_, scale_ = await self._choose(model, scale)
+        out_format = output_format(fmt, in_format)
+        limit = MAX_SIDE.get(out_format)
+        if limit is not None and max(width, height) * scale_ > limit:
+            raise RequestRejected(
+                422,
+                "output_too_large",
+                f"a {width * scale_}x{height * scale_} result is too large for {out_format.upper()} (at most {limit} "
+                "pixels a side): ask for format=png",
+            )
         try:
             decoded = await asyncio.to_thread(decode_image, data, name=name, max_pixels=s.max_pixels)
         except ImageTooLargeError as exc:
@@ -769,7 +802,6 @@ class EdsrIngress:
         result = await self._call(
             handle.upscale.remote(name_, decoded, scale_, self_ensemble), f"upscaling with model {name_!r}"
         )
-        out_format = output_format(fmt, in_format)
         payload = await asyncio.to_thread(encode_image, result, out_format, quality=quality)
         tags = {"model": name_, "scale": str(scale_)}
         self._images.inc(tags=tags)

@@ -413,6 +413,10 @@ def write_bytes(
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            # On disk before the rename: after a crash the name must never point at an empty file that a resumed
+            # job would take for finished work.
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
         tmp = None

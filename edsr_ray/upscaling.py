@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import posixpath
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -203,7 +204,12 @@ def read_list_file(uri: str, cfg: StorageConfig | None = None) -> list[str]:
         if storage.is_s3(entry) or os.path.isabs(os.path.expanduser(entry)) or entry.startswith(storage.FILE_PREFIX):
             resolved.append(absolute(entry))
         elif storage.is_s3(base):
-            resolved.append(storage.join(base, entry))
+            # Relative to the list file's prefix, resolved the way a shell would (``./a.png``, ``a/../b.png``).
+            bucket, prefix = storage.split_s3(base)
+            key = posixpath.normpath(posixpath.join(prefix, entry))
+            if key == ".." or key.startswith("../"):
+                raise ConfigError(f"--input {uri}: the entry {entry!r} points above the bucket s3://{bucket}")
+            resolved.append(f"{storage.S3_PREFIX}{bucket}/{key}")
         else:
             resolved.append(os.path.normpath(os.path.join(base, entry)))
     return list(dict.fromkeys(resolved))
@@ -238,18 +244,23 @@ def relative_keys(sources: Sequence[str]) -> list[str]:
 
 def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = None) -> list[tuple[str, str]]:
     """``(source, key)`` for every input: the images below a folder or prefix (recursively), the one file named, or
-    the entries of a list file. Files already inside the output location are left out (an output folder inside the
-    input folder must not become input)."""
+    the entries of a list file. Files of a folder that lie inside the output location are left out (an output folder
+    inside the input folder must not become input); an input folder at or inside the output location is refused,
+    since outputs could then overwrite inputs. A list file's entries are all returned (see :func:`plan_tasks`)."""
     if is_list_file(input_uri) and storage.exists(input_uri, cfg) and not _is_folder(input_uri, cfg):
         sources = read_list_file(input_uri, cfg)
-        pairs = list(zip(sources, relative_keys(sources)))
+        return list(zip(sources, relative_keys(sources)))
+    if _inside(input_uri, output_uri):
+        raise ConfigError(
+            f"--input {input_uri} lies inside --output {output_uri}: outputs could overwrite inputs; choose an output "
+            "location outside the input"
+        )
+    files = storage.list_files(input_uri, cfg)
+    base = input_uri.rstrip("/")
+    if len(files) == 1 and files[0].rstrip("/") == base:
+        pairs = [(files[0], PurePosixPath(files[0]).name)]
     else:
-        files = storage.list_files(input_uri, cfg)
-        base = input_uri.rstrip("/")
-        if len(files) == 1 and files[0].rstrip("/") == base:
-            pairs = [(files[0], PurePosixPath(files[0]).name)]
-        else:
-            pairs = [(f, f[len(base) + 1 :]) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+        pairs = [(f, f[len(base) + 1 :]) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
     return [(s, k) for s, k in pairs if not _inside(s, output_uri)]
 
 
@@ -263,7 +274,8 @@ def _inside(source: str, output_uri: str) -> bool:
     if storage.is_s3(source) != storage.is_s3(output_uri):
         return False
     if storage.is_s3(source):
-        return source.startswith(output_uri.rstrip("/") + "/")
+        root = output_uri.rstrip("/")
+        return source.rstrip("/") == root or source.startswith(root + "/")
     return _is_within(os.path.realpath(source), os.path.realpath(output_uri))
 
 
@@ -288,7 +300,9 @@ def plan_tasks(
             refused.append((Task(source, key, ""), str(exc)))
             continue
         task = Task(source, key, dest)
-        if dest in seen:
+        if _inside(source, output_uri):  # a list file's entry: writing beside it could overwrite another input
+            refused.append((task, f"it lies inside the output location {output_uri}"))
+        elif dest in seen:
             refused.append((task, f"its output {dest} is also the output of {seen[dest]}"))
         else:
             seen[dest] = source

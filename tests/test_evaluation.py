@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -497,6 +498,13 @@ def test_models_of_different_scales_share_a_labelled_column(local_root, tmp_path
     assert sorted({(r.model, r.scale) for r in rep.summary}) == [("EDSR", 2), ("EDSR", 3)]
     with pytest.raises(EvaluationError, match="share a label and a scale"):
         evaluate(EvaluationOptions((f"E={x2}", f"E={x2}"), (local_root,), str(tmp_path / "o"), use_ray=False))
+    # Columns must not mix models: a label "E+" next to the self-ensemble of "E", or two names for one file.
+    both = EvaluationOptions((f"E+={x2}", f"E={x3}"), (local_root,), str(tmp_path / "o"), self_ensemble="both")
+    with pytest.raises(EvaluationError, match=r"column 'E\+' would hold both --model E\+ and the self-ensemble of"):
+        evaluate(replace(both, use_ray=False))
+    clash = EvaluationOptions((f"E+={x2}", f"E_plus={x3}"), (local_root,), str(tmp_path / "o"), use_ray=False)
+    with pytest.raises(EvaluationError, match=r"'E\+' and 'E_plus' would share the file and metric name 'E_plus'"):
+        evaluate(clash)
 
 
 def _tiny_x2(tmp_path: Path) -> str:

@@ -594,3 +594,26 @@ def test_format_helpers():
         format_from_name("notes.txt")
     with pytest.raises(ImageError, match="none"):
         format_from_name("README")
+
+
+def test_lossy_formats_refuse_sizes_they_cannot_store_with_a_clear_error():
+    wide = np.zeros((1, 16384, 3), dtype=np.uint8)
+    with pytest.raises(ImageError, match=r"16384x1 image is too large for WEBP \(at most 16383 pixels a side\)"):
+        encode_image(wide, "webp")
+    assert encode_image(wide[:, :16383], "webp")[:4] == b"RIFF"
+    assert encode_image(wide, "jpeg")[:2] == b"\xff\xd8"  # JPEG goes to 65500
+    with pytest.raises(ImageError, match="too large for JPEG"):
+        encode_image(np.zeros((65501, 1, 3), dtype=np.uint8), "jpeg")
+    assert encode_image(wide, "png")[:4] == b"\x89PNG"
+
+
+def test_a_trns_chunk_of_the_wrong_length_is_ignored_as_libpng_does():
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    png = encode_image(rgb, "png")
+    # Insert a 4-byte tRNS (an RGB key needs 6) with a valid CRC after IHDR: a broken key, not a broken file.
+    body = b"\x00\x01\x00\x02"
+    chunk = struct.pack(">I", len(body)) + b"tRNS" + body + struct.pack(">I", zlib.crc32(b"tRNS" + body))
+    ihdr_end = 8 + 8 + 13 + 4
+    decoded = decode_image(png[:ihdr_end] + chunk + png[ihdr_end:])
+    assert decoded.alpha is None
+    np.testing.assert_array_equal(decoded.rgb, rgb)

@@ -473,3 +473,19 @@ def test_gpu_compiled_matches_eager(photo):
     eager = Upscaler(model, device="cuda", precision="fp32").upscale(image).astype(int)
     compiled = Upscaler(model, device="cuda", precision="fp32", compile=True).upscale(image).astype(int)
     assert np.abs(compiled - eager).max() <= 1
+
+
+def test_models_in_another_pixel_range_get_rescaled_input_and_output(photo):
+    # Some forks train in [0, 1] (rgb_range=1): the upscaler feeds such a model x/255 and scales its output back.
+    torch.manual_seed(3)
+    model = EDSR(n_resblocks=1, n_feats=8, scale=2, rgb_range=1).eval()
+    image = np.ascontiguousarray(photo[:40, :56])
+    with torch.no_grad():
+        expected = model(_to_tensor(image) / 255.0, 2) * 255.0  # written here: the model in its own range
+    np.testing.assert_array_equal(upscale(model, image, 2), _quantize(expected))
+    np.testing.assert_array_equal(upscale(model, image, 2, tile=16), _quantize(expected))
+
+
+def test_a_model_that_is_not_rgb_is_refused_clearly():
+    with pytest.raises(ConfigError, match=r"1 colour channel\(s\); images are upscaled by RGB models"):
+        Upscaler(EDSR(n_resblocks=1, n_feats=8, scale=2, n_colors=1))

@@ -303,6 +303,8 @@ BAD_REQUESTS = [
     ("bad-quality", {"scale": 2, "quality": 0}, {"content": "good"}, 422, "quality"),
     ("bad-bool", {"scale": 2, "self_ensemble": "maybe"}, {"content": "good"}, 422, "self_ensemble"),
     ("unloadable-model", {"scale": 2, "model": "missing"}, {"content": "good"}, 503, "ModelLoadError"),
+    # 4096 x 9 is within the pixel limit, but its x4 result is 16384 pixels wide: more than WebP can store.
+    ("too-wide-for-webp", {"scale": 4, "format": "webp"}, {"content": "wide"}, 422, "too large for WEBP"),
 ]
 
 
@@ -320,6 +322,7 @@ def test_bad_requests_get_their_status_and_a_json_error(client, image, params, k
                 "big": lambda: encode_image(np.zeros((201, 200, 3), np.uint8)),
                 "truncated": lambda: good[: len(good) // 2],
                 "good": lambda: good,
+                "wide": lambda: encode_image(np.zeros((9, 4096, 3), np.uint8)),
             }[content]()
         }
     response = client.post("/v1/upscale", params=params, **kwargs)

@@ -434,6 +434,19 @@ def test_bad_model_file_scale_and_options_errors(photo_tree, model_file, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_reports_that_cannot_be_written_end_the_run_as_interrupted(photo_tree, tmp_path, capsys):
+    torch.manual_seed(1)
+    model = save_model(EDSR(1, 4, 2), tmp_path / "m.pt")
+    out = tmp_path / "out"
+    (out / MANIFEST_NAME).mkdir(parents=True)  # a folder where the manifest file must go: its write fails
+    argv = ["--model", model, "--input", photo_tree / "chelsea.png", "--output", out, "--local", "-q"]
+    assert _main(argv) == 3  # not 2 ("could not start"): the image is done, only the reports are missing
+    captured = capsys.readouterr()
+    assert "upscaled 1 images" in captured.out
+    assert "reports could not be written" in captured.err and "Traceback" not in captured.err
+    assert decode_image((out / "chelsea.png").read_bytes()).rgb.shape[:2] == (600, 902)
+
+
 def test_mdsr_scale_picks_the_branch(photo_tree, tmp_path, capsys):
     torch.manual_seed(1)
     mdsr = MDSR(1, 8, (2, 4))
@@ -526,6 +539,38 @@ def test_plan_skips_the_output_folder_inside_the_input_and_refuses_collisions(tm
 
     single, _ = plan_tasks(str(tmp_path / "in" / "readme.md"), str(tmp_path / "o"))
     assert [(t.key, Path(t.dest).name) for t in single] == [("readme.md", "readme.png")]
+
+
+def test_an_input_inside_the_output_is_refused_not_silently_skipped(tmp_path):
+    (tmp_path / "out" / "raw" / "raw").mkdir(parents=True)
+    for name in ("a.png", "raw/b.png"):
+        (tmp_path / "out" / "raw" / name).write_bytes(b"x")
+    # Outputs keep their relative key: raw/b.png would land on the input out/raw/b.png.
+    for inp, out in ((tmp_path / "out" / "raw", tmp_path / "out"), (tmp_path / "out", tmp_path / "out")):
+        with pytest.raises(ConfigError, match=r"lies inside --output .*outputs could overwrite inputs"):
+            plan_tasks(str(inp), str(out))
+    with pytest.raises(ConfigError, match="lies inside --output"):
+        plan_tasks("s3://b/photos", "s3://b/photos/")
+    # A list file naming files inside the output: those entries are refused, with the reason, the others run.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "c.png").write_bytes(b"x")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'in' / 'c.png'}\n{tmp_path / 'out' / 'raw' / 'a.png'}\n")
+    tasks, refused = plan_tasks(str(listing), str(tmp_path / "out"))
+    assert [Path(t.source).name for t in tasks] == ["c.png"]
+    assert [(Path(t.source).name, "inside the output location" in why) for t, why in refused] == [("a.png", True)]
+
+
+def test_relative_entries_of_a_list_file_on_s3_resolve_like_paths(s3):
+    storage.write_bytes("s3://edsr/lists/in.txt", b"./a/b.png\nx/../c.png\n# a comment\ns3://other/d.png\n")
+    assert read_list_file("s3://edsr/lists/in.txt") == [
+        "s3://edsr/lists/a/b.png",
+        "s3://edsr/lists/c.png",
+        "s3://other/d.png",
+    ]
+    storage.write_bytes("s3://edsr/lists/bad.txt", b"../../up.png\n")
+    with pytest.raises(ConfigError, match=r"'../../up.png' points above the bucket s3://edsr"):
+        read_list_file("s3://edsr/lists/bad.txt")
 
 
 def test_images_cross_stages_unchanged(photos):
