@@ -559,9 +559,13 @@ class ImageEvaluator:
         save_images: bool = False,
         pictures: bool = False,
     ):
+        import torch
+
         from edsr_ray.inference import Upscaler
         from edsr_ray.models import load_model
 
+        # Running a model an image can also exhaust memory (a huge image, an untiled GPU run): that image's failure.
+        self._model_errors = (*_ITEM_ERRORS, MemoryError, torch.cuda.OutOfMemoryError)
         self.cfg = from_dict(StorageConfig, storage_config) if storage_config is not None else None
         self.output, self.save_images, self.pictures = output, save_images, pictures
         # (label, scales, upscaler or None for bicubic), in table order.
@@ -601,7 +605,7 @@ class ImageEvaluator:
         for label, upscaler in columns:
             try:
                 out.append(self._one(label, upscaler, hr, lr, item))
-            except _ITEM_ERRORS as exc:
+            except self._model_errors as exc:
                 reason = _reason(exc, item)
                 logger.warning("%s on %s/%s x%d failed: %s", label, set_name, image, scale, reason)
                 out.append(ImageResult(label, set_name, scale, image, status="failed", error=reason))

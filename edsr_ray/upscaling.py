@@ -524,7 +524,7 @@ class UpscaleBatch:
             inference = from_dict(InferenceConfig, inference, source="inference settings")
         self.scale = int(scale)
         self.upscaler = Upscaler.from_config(model, inference, device=device)
-        self.errors = (*ITEM_ERRORS, torch.OutOfMemoryError)
+        self.errors = (*ITEM_ERRORS, torch.cuda.OutOfMemoryError)  # the name that exists in every torch >= 2.4
         logger.info("upscaling with %r", self.upscaler)
 
     def __call__(self, table: pa.Table) -> pa.Table:

@@ -507,6 +507,22 @@ def test_models_of_different_scales_share_a_labelled_column(local_root, tmp_path
         evaluate(clash)
 
 
+def test_running_out_of_memory_on_an_image_is_that_images_failure(local_root, tmp_path, monkeypatch):
+    from edsr_ray import inference
+
+    def out_of_memory(self, image, scale=None):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(inference.Upscaler, "upscale", out_of_memory)
+    opts = EvaluationOptions(
+        ("bicubic", f"E={_tiny_x2(tmp_path)}"), (local_root,), str(tmp_path / "out"), sets=("SetA",), use_ray=False
+    )
+    rep = evaluate(opts)
+    assert rep.exit_code == 1 and {r.model for r in rep.failures} == {"E"}
+    assert all("OutOfMemoryError: CUDA out of memory" in r.error for r in rep.failures)
+    assert {r.model for r in rep.results if r.status == "ok"} == {"bicubic"}  # the run went on
+
+
 def _tiny_x2(tmp_path: Path) -> str:
     return save_model(EDSR(1, 4, 2), tmp_path / "x2.pt")
 
