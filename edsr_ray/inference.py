@@ -25,6 +25,7 @@ serving concurrently, so compilation happens once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -34,7 +35,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from edsr_ray.config import PRECISIONS, InferenceConfig
-from edsr_ray.errors import ConfigError, ImageError
+from edsr_ray.errors import ConfigError, EdsrRayError, ImageError
 from edsr_ray.imaging import DecodedImage, imresize
 from edsr_ray.models import MeanShift, receptive_radius, unwrap_model
 
@@ -57,6 +58,25 @@ _CUDA_MEMORY_SHARE = 0.5
 _CPU_MEMORY_CAP = 4 << 30
 # LR pixels per forward pass on CPU when several patches or images could share one.
 _CPU_BATCH_PIXELS = 1 << 16
+
+
+class UpscaleCancelled(EdsrRayError):
+    """The caller gave up on an upscale (see :func:`stop_when`); it stopped between two forward passes."""
+
+
+_stop = threading.local()
+
+
+@contextlib.contextmanager
+def stop_when(check: Callable[[], bool]) -> Iterator[None]:
+    """Inside this block, on this thread, an upscale raises :class:`UpscaleCancelled` before its next forward pass
+    once ``check()`` is true: a service whose client timed out frees its compute instead of finishing the image."""
+    previous = getattr(_stop, "check", None)
+    _stop.check = check
+    try:
+        yield
+    finally:
+        _stop.check = previous
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -435,6 +455,9 @@ class Upscaler:
         jobs = [(i, r, c) for i in range(b) for r in plan.rows.cores for c in plan.cols.cores]
         with torch.inference_mode():
             for start in range(0, len(jobs), plan.batch):
+                check = getattr(_stop, "check", None)
+                if check is not None and check():
+                    raise UpscaleCancelled(f"upscale stopped after {start} of {len(jobs)} patches: the caller gave up")
                 chunk = jobs[start : start + plan.batch]
                 patches = torch.stack([x[i, :, r[2] : r[2] + ph, c[2] : c[2] + pw] for i, r, c in chunk])
                 # Move the small (often uint8) patches first and convert on the device: less host-to-device traffic.

@@ -21,6 +21,7 @@ import hmac
 import logging
 import os
 import re
+import threading
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -477,7 +478,21 @@ class EdsrModel:
         return _Loaded(plain, ensemble, info)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+        """``fn(*args)`` on the compute thread. If the request is cancelled (its client timed out), the upscale stops
+        before its next forward pass, so the replica does not spend minutes on an answer nobody waits for."""
+        from edsr_ray.inference import stop_when
+
+        stop = threading.Event()
+
+        def guarded() -> Any:
+            with stop_when(stop.is_set):
+                return fn(*args)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._compute, guarded)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     async def describe(self, name: str) -> dict[str, Any]:
         """Architecture, scales, device and dtype of model ``name`` (loading it if needed)."""

@@ -19,7 +19,7 @@ from edsr_ray import inference
 from edsr_ray.config import InferenceConfig, ModelConfig
 from edsr_ray.errors import ConfigError, ImageError
 from edsr_ray.imaging import DecodedImage, decode_image, encode_image, imresize
-from edsr_ray.inference import Upscaler, upscale, upscale_decoded, upscale_tensor
+from edsr_ray.inference import UpscaleCancelled, Upscaler, stop_when, upscale, upscale_decoded, upscale_tensor
 from edsr_ray.models import EDSR, MDSR, edsr_baseline, receptive_radius
 
 TILES = (32, 48, 64, 100, 512)
@@ -489,3 +489,21 @@ def test_models_in_another_pixel_range_get_rescaled_input_and_output(photo):
 def test_a_model_that_is_not_rgb_is_refused_clearly():
     with pytest.raises(ConfigError, match=r"1 colour channel\(s\); images are upscaled by RGB models"):
         Upscaler(EDSR(n_resblocks=1, n_feats=8, scale=2, n_colors=1))
+
+
+def test_an_upscale_stops_between_forward_passes_once_its_caller_gives_up(photo):
+    torch.manual_seed(4)
+    model = EDSR(n_resblocks=1, n_feats=8, scale=2).eval()
+    up = Upscaler(model, tile=16, tile_batch=1)  # one patch per forward pass: many passes
+    image = np.ascontiguousarray(photo[:64, :64])
+    asked = []
+
+    def gave_up() -> bool:
+        asked.append(1)
+        return len(asked) > 3  # the caller leaves after three forward passes
+
+    with stop_when(gave_up), pytest.raises(UpscaleCancelled, match=r"stopped after 3 of \d+ patches"):
+        up.upscale(image, 2)
+    # Outside the block (and on other threads) nothing is checked: the same upscaler finishes normally.
+    np.testing.assert_array_equal(up.upscale(image, 2), upscale(model, image, 2))
+    assert len(asked) == 4
