@@ -574,6 +574,11 @@ def _write_png(array: np.ndarray, compress_level: int) -> bytes:
 
 
 def _encode_png(pixels: np.ndarray, compress_level: int) -> bytes:
+    if pixels.dtype == np.uint8 and pixels.shape[2] in (3, 4) and compress_level > 1:
+        # A higher level asks for smaller files than fpng makes: Pillow's zlib writer at that level.
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, "PNG", compress_level=compress_level)
+        return buffer.getvalue()
     if pixels.dtype == np.uint8 and pixels.shape[2] in (3, 4):
         import fpng
 
@@ -588,6 +593,19 @@ def _encode_png(pixels: np.ndarray, compress_level: int) -> bytes:
     return _write_png(pixels, compress_level)
 
 
+def check_output_size(width: int, height: int, fmt: str) -> None:
+    """Raise :class:`ImageError` if ``fmt`` cannot store a ``width`` x ``height`` image (WebP and JPEG have limits).
+
+    Callers that know the output size before computing it (a service) check here first, instead of after the work.
+    """
+    limit = MAX_SIDE.get(normalize_format(fmt))
+    if limit is not None and max(width, height) > limit:
+        raise ImageError(
+            f"a {width}x{height} image is too large for {normalize_format(fmt).upper()} (at most {limit} pixels a "
+            "side): choose PNG for this output"
+        )
+
+
 def encode_image(
     image: DecodedImage | np.ndarray,
     fmt: str = "png",
@@ -598,10 +616,10 @@ def encode_image(
     """Encode a :class:`DecodedImage` or an (H, W) / (H, W, 2|3|4) uint8/uint16 array as PNG, JPEG or WebP.
 
     PNG is lossless: bit depth, alpha and grey are kept, so ``decode_image(encode_image(x))`` gives ``x`` back.
-    8-bit RGB/RGBA goes through fpng (fast); other layouts through a small built-in writer (zlib at
-    ``png_compress_level``). JPEG and WebP are 8 bit (16-bit samples are rounded to 8 bit) at ``quality``. JPEG
-    cannot store alpha: it is dropped with a warning, leaving the colour as it is. WebP keeps alpha but has no grey
-    mode, so grey images are written as RGB.
+    8-bit RGB/RGBA goes through fpng (fast) at ``png_compress_level`` 0-1, through Pillow's zlib writer at a higher
+    level (smaller files); other layouts through a small built-in writer (zlib at ``png_compress_level``). JPEG and
+    WebP are 8 bit (16-bit samples are rounded to 8 bit) at ``quality``. JPEG cannot store alpha: it is dropped with
+    a warning, leaving the colour as it is. WebP keeps alpha but has no grey mode, so grey images are written as RGB.
     """
     fmt = normalize_format(fmt)
     if not isinstance(image, DecodedImage):
@@ -614,12 +632,7 @@ def encode_image(
 
     if not 1 <= int(quality) <= 100:
         raise ImageError(f"quality must be in 1..100, got {quality!r}")
-    limit = MAX_SIDE[fmt]
-    if max(pixels.shape[:2]) > limit:
-        raise ImageError(
-            f"a {pixels.shape[1]}x{pixels.shape[0]} image is too large for {fmt.upper()} (at most {limit} pixels a "
-            "side): choose PNG for this output"
-        )
+    check_output_size(pixels.shape[1], pixels.shape[0], fmt)
     pixels = _to_8bit(pixels)
     buffer = io.BytesIO()
     if fmt == "jpeg":

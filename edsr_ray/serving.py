@@ -785,7 +785,7 @@ class EdsrIngress:
     async def _upscale(
         self, request: Request, scale: int | None, model: str | None, fmt: str, self_ensemble: bool, quality: int
     ) -> Response:
-        from edsr_ray.imaging import MAX_SIDE, content_type, decode_image, encode_image
+        from edsr_ray.imaging import check_output_size, content_type, decode_image, encode_image
 
         s = self._settings
         output_format(fmt, None)  # a bad format is refused before the body is read
@@ -799,14 +799,10 @@ class EdsrIngress:
         width, height, in_format = check_image(data, name=name, max_pixels=s.max_pixels)
         name_, scale_ = await self._choose(model, scale)
         out_format = output_format(fmt, in_format)
-        limit = MAX_SIDE.get(out_format)
-        if limit is not None and max(width, height) * scale_ > limit:
-            raise RequestRejected(
-                422,
-                "output_too_large",
-                f"a {width * scale_}x{height * scale_} result is too large for {out_format.upper()} (at most {limit} "
-                "pixels a side): ask for format=png",
-            )
+        try:
+            check_output_size(width * scale_, height * scale_, out_format)  # before the work, not after it
+        except ImageError as exc:
+            raise RequestRejected(422, "output_too_large", str(exc)) from None
         try:
             decoded = await asyncio.to_thread(decode_image, data, name=name, max_pixels=s.max_pixels)
         except ImageTooLargeError as exc:

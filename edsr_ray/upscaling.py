@@ -23,7 +23,7 @@ import logging
 import os
 import posixpath
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -250,7 +250,8 @@ def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = Non
     if is_list_file(input_uri) and storage.exists(input_uri, cfg) and not _is_folder(input_uri, cfg):
         sources = read_list_file(input_uri, cfg)
         return list(zip(sources, relative_keys(sources)))
-    if _inside(input_uri, output_uri):
+    inside_output = _inside_of(output_uri)
+    if inside_output(input_uri):
         raise ConfigError(
             f"--input {input_uri} lies inside --output {output_uri}: outputs could overwrite inputs; choose an output "
             "location outside the input"
@@ -261,7 +262,7 @@ def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = Non
         pairs = [(files[0], PurePosixPath(files[0]).name)]
     else:
         pairs = [(f, f[len(base) + 1 :]) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-    return [(s, k) for s, k in pairs if not _inside(s, output_uri)]
+    return [(s, k) for s, k in pairs if not inside_output(s)]
 
 
 def _is_folder(uri: str, cfg: StorageConfig | None) -> bool:
@@ -270,13 +271,13 @@ def _is_folder(uri: str, cfg: StorageConfig | None) -> bool:
     return os.path.isdir(uri)
 
 
-def _inside(source: str, output_uri: str) -> bool:
-    if storage.is_s3(source) != storage.is_s3(output_uri):
-        return False
-    if storage.is_s3(source):
+def _inside_of(output_uri: str) -> Callable[[str], bool]:
+    """A test of whether a location lies at or below ``output_uri`` (resolved once, not once per input)."""
+    if storage.is_s3(output_uri):
         root = output_uri.rstrip("/")
-        return source.rstrip("/") == root or source.startswith(root + "/")
-    return _is_within(os.path.realpath(source), os.path.realpath(output_uri))
+        return lambda source: storage.is_s3(source) and (source.rstrip("/") == root or source.startswith(root + "/"))
+    real_root = os.path.realpath(output_uri)
+    return lambda source: not storage.is_s3(source) and _is_within(os.path.realpath(source), real_root)
 
 
 def _is_within(path: str, root: str) -> bool:
@@ -292,6 +293,7 @@ def plan_tasks(
     written: the second is refused. (Outputs are always images, so they never collide with the run's reports.)
     """
     tasks, refused, seen = [], [], {}
+    inside_output = _inside_of(output_uri)
     for source, key in sorted(list_inputs(input_uri, output_uri, cfg), key=lambda p: p[1]):
         out_key = output_key(key, fmt)
         try:
@@ -300,7 +302,7 @@ def plan_tasks(
             refused.append((Task(source, key, ""), str(exc)))
             continue
         task = Task(source, key, dest)
-        if _inside(source, output_uri):  # a list file's entry: writing beside it could overwrite another input
+        if inside_output(source):  # a list file's entry: writing beside it could overwrite another input
             refused.append((task, f"it lies inside the output location {output_uri}"))
         elif dest in seen:
             refused.append((task, f"its output {dest} is also the output of {seen[dest]}"))
@@ -439,11 +441,6 @@ def _output_options(options: Mapping[str, Any] | OutputOptions) -> OutputOptions
 # Stage 1: read + decode (CPU tasks)
 
 
-def read_and_decode(source: str, data: bytes, max_pixels: int) -> DecodedImage:
-    """The input's pixels (raises ImageError naming the input)."""
-    return decode_image(data, name=source, max_pixels=max_pixels)
-
-
 def _timed_read(source: str, cfg: StorageConfig | None) -> tuple[bytes | BaseException, float]:
     start = time.perf_counter()
     try:
@@ -468,7 +465,7 @@ def decode_batch(
             if isinstance(data, BaseException):
                 raise data
             row["input_bytes"] = len(data)
-            img = read_and_decode(source, data, max_pixels)
+            img = decode_image(data, name=source, max_pixels=max_pixels)
             row.update(pack_image(img), width=img.width, height=img.height)
         except ITEM_ERRORS as exc:
             row["reason"] = reason_of(exc, source)
@@ -591,17 +588,8 @@ def _free_cuda_cache() -> None:
 
 def encode_output(image: DecodedImage, fmt: str, options: OutputOptions) -> bytes:
     """Encode an upscaled image as ``fmt`` (png, jpeg or webp) with the options' quality and PNG compression."""
-    if fmt == "png" and options.png_compression == "small":
-        if image.bit_depth == 8 and not image.grey:
-            # encode_image would use fpng here; Pillow's own writer at its default level gives the small file.
-            from PIL import Image
-
-            pixels = image.rgb if image.alpha is None else np.dstack([image.rgb, image.alpha])  # (H, W, 3|4)
-            buffer = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, "PNG", compress_level=SMALL_PNG_LEVEL)
-            return buffer.getvalue()
-        return encode_image(image, "png", png_compress_level=SMALL_PNG_LEVEL)
-    return encode_image(image, fmt, quality=options.quality)
+    level = SMALL_PNG_LEVEL if options.png_compression == "small" else 1  # 1: fpng where it can
+    return encode_image(image, fmt, quality=options.quality, png_compress_level=level)
 
 
 def encode_and_write(
