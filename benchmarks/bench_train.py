@@ -94,19 +94,14 @@ def synthetic_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     from edsr_ray.config import ExperimentConfig, from_dict
     from edsr_ray.models import build_model
-    from edsr_ray.train import LossWindow, UpdateStep
+    from edsr_ray.train import LossWindow, prepare_for_training
 
     cfg = from_dict(ExperimentConfig, loop_config["config"])
     steps, batch, scale = loop_config["steps"], cfg.train.batch_size, cfg.model.scales[0]
     device = ray.train.torch.get_device()
     torch.manual_seed(0)
-    # The same steps as edsr_ray.train.train_loop_per_worker, in the same order.
-    model = build_model(cfg.model)
-    channels_last = cfg.train.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    update = UpdateStep(model, cfg.train, device)
+    # The trainer's own set-up (edsr_ray.train.train_loop_per_worker calls the same function).
+    _, update, channels_last = prepare_for_training(build_model(cfg.model), cfg, device, world_size=1)
     losses = LossWindow(steps, device)
     p = cfg.data.patch_size
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

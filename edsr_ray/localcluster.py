@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from edsr_ray.errors import EdsrRayError
+from edsr_ray.raycluster import QUIET_ENV
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +182,7 @@ class LocalCluster:
 
     def env(self) -> dict[str, str]:
         """Variables a client process (``ray job ...``, a driver) needs to use this cluster."""
-        return {
-            "RAY_AUTH_MODE": self.auth,
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
-        }
+        return {"RAY_AUTH_MODE": self.auth, **QUIET_ENV, "RAY_API_SERVER_ADDRESS": self.dashboard_url}
 
     def connect(self, **init_kwargs: Any) -> Any:
         """``ray.init`` this process as a driver of the cluster; returns Ray's context (``ray.shutdown()`` leaves).
@@ -280,8 +277,7 @@ class LocalCluster:
         env.update(
             {
                 "RAY_AUTH_MODE": self.auth,
-                "RAY_USAGE_STATS_ENABLED": "0",
-                "MLFLOW_DISABLE_TELEMETRY": "true",
+                **QUIET_ENV,
                 # A stopped node drains before it exits; nothing here needs the grace period.
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
             }

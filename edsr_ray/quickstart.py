@@ -20,6 +20,7 @@ import numpy as np
 from edsr_ray import samples, tracking
 from edsr_ray.config import ExperimentConfig, load_config
 from edsr_ray.imaging import encode_image
+from edsr_ray.raycluster import quiet_environment
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,7 @@ def run_quickstart(config_path: str | os.PathLike[str], overrides: Sequence[str]
     cfg = quickstart_config(config_path, overrides)  # config errors before any service starts
     home = tracking.data_home() / "quickstart"
     home.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    quiet_environment()
     with EmbeddedS3(home / "s3", buckets=(BUCKET,)) as s3:
         os.environ.update(s3.env())  # the driver, Ray's workers (started below) and pyarrow all read these
         log.info("embedded S3 server at %s (data in %s)", s3.endpoint_url, home / "s3")

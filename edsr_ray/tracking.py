@@ -62,8 +62,9 @@ def _artifact_root(uri: str) -> str | None:
 
 def mlflow_module():
     """Import MLflow with its usage telemetry off (nothing the project starts may call outside the machine)."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
+    from edsr_ray.raycluster import quiet_environment
+
+    quiet_environment()
     import mlflow
 
     return mlflow

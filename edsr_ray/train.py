@@ -106,7 +106,7 @@ class UpdateStep:
             capturable=on_gpu and self.compiled,
         )
         if self.compiled:
-            mode = "reduce-overhead" if device.type == "cuda" and world_size == 1 else None
+            mode = "reduce-overhead" if on_gpu and world_size == 1 else None
             self._loss = torch.compile(self._forward_loss, mode=mode, dynamic=False)
             optimizer = self.optimizer
 
@@ -300,6 +300,22 @@ def load_train_state(directory: Path, device: torch.device) -> dict[str, Any]:
     return torch.load(directory / TRAIN_STATE, map_location=device, weights_only=True)
 
 
+def prepare_for_training(
+    model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device, world_size: int
+) -> tuple[torch.nn.Module, UpdateStep, bool]:
+    """What every training worker does to its built model: channels_last on a GPU, DDP through Ray Train, and the
+    update. Returns the prepared model, its :class:`UpdateStep` and whether batches should be channels_last."""
+    import ray.train.torch
+
+    channels_last = cfg.train.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # MDSR trains one upsampling branch per batch: the others get no gradient in that step.
+    ddp_kwargs = {"find_unused_parameters": len(cfg.model.scales) > 1}
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
+    return model, UpdateStep(model, cfg.train, device, world_size=world_size), channels_last
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """The Ray Train worker: build, maybe resume, then train until ``train.total_steps`` updates."""
     import ray.train
@@ -331,13 +347,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     elif tcfg.init_from:
         init_from(model, tcfg.init_from)
 
-    channels_last = tcfg.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # MDSR trains one upsampling branch per batch: the others get no gradient in that step.
-    ddp_kwargs = {"find_unused_parameters": len(cfg.model.scales) > 1}
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
-    update = UpdateStep(model, tcfg, device, world_size=world)
+    model, update, channels_last = prepare_for_training(model, cfg, device, world)
     if train_state is not None:
         update.load_state(train_state)
         _set_rng_state(train_state["rng"])
