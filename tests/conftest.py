@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-# Nothing the tests start may call outside the machine.
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
+from edsr_ray.raycluster import quiet_environment
+
+quiet_environment()  # nothing the tests start may call outside the machine
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -22,6 +21,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and a shared, busy CI core makes thread handoffs slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

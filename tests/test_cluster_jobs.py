@@ -213,7 +213,7 @@ def test_two_nodes_with_their_own_ports_and_the_token_required(cluster):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == status
-    assert cluster.job_client().list_jobs() is not None
+    assert isinstance(cluster.job_client().list_jobs(), list)  # and the right token is accepted
 
 
 # --------------------------------------------------------------------------------------------------------------------

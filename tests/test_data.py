@@ -255,21 +255,25 @@ json.dump(seen, open(out, "w"))
 
 
 def test_ranks_agree_on_every_batch_scale_whatever_their_shards_hold(tmp_path):
-    import socket
     import subprocess
     import sys
 
+    from edsr_ray.localcluster import free_ports
+
     script = tmp_path / "rank.py"
     script.write_text(_AGREEMENT_RANK)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    (port,) = free_ports(1)
     procs = [
         subprocess.Popen([sys.executable, str(script), str(r), str(port), str(tmp_path / f"{r}.json")])
         for r in range(2)
     ]
-    for proc in procs:
-        assert proc.wait(timeout=120) == 0  # a disagreement would hang a collective, then time out
+    try:
+        for proc in procs:
+            assert proc.wait(timeout=120) == 0  # a disagreement would hang a collective, then time out
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
     seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     scales = [[scale for scale, _ in rank] for rank in seen]
     assert scales[0] == scales[1]  # the same scale at every update on both ranks

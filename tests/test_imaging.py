@@ -609,11 +609,7 @@ def test_lossy_formats_refuse_sizes_they_cannot_store_with_a_clear_error():
 
 def test_a_trns_chunk_of_the_wrong_length_is_ignored_as_libpng_does():
     rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
-    png = encode_image(rgb, "png")
-    # Insert a 4-byte tRNS (an RGB key needs 6) with a valid CRC after IHDR: a broken key, not a broken file.
-    body = b"\x00\x01\x00\x02"
-    chunk = struct.pack(">I", len(body)) + b"tRNS" + body + struct.pack(">I", zlib.crc32(b"tRNS" + body))
-    ihdr_end = 8 + 8 + 13 + 4
-    decoded = decode_image(png[:ihdr_end] + chunk + png[ihdr_end:])
+    # A 4-byte tRNS (an RGB key needs 6) with a valid CRC: a broken key, not a broken file.
+    decoded = decode_image(_png(rgb, 2, extra_chunks=((b"tRNS", b"\x00\x01\x00\x02"),)))
     assert decoded.alpha is None
     np.testing.assert_array_equal(decoded.rgb, rgb)

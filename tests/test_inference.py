@@ -27,13 +27,7 @@ TILES = (32, 48, 64, 100, 512)
 MODELS = [("edsr", 2), ("edsr", 3), ("edsr", 4), ("mdsr", 2), ("mdsr", 3), ("mdsr", 4)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models here gain nothing from a second thread, and a shared, busy CI core makes thread handoffs slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

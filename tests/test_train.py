@@ -414,7 +414,8 @@ def test_mdsr_trains_and_validates_every_scale_with_two_workers(env):
 
 
 def test_x3_initialises_from_a_registered_x2_model(env, tmp_path):
-    """The paper's x2 -> x3 chain through the registry: preflight loads models:/... and copies what matches."""
+    """The paper's x2 -> x3 chain through the registry: preflight checks the config's models:/...@alias before any
+    cluster work, and the same alias initialises the x3 model, copying what matches."""
     from edsr_ray.models import init_from
 
     x2 = build_model(_config("x2").model)
@@ -424,10 +425,10 @@ def test_x3_initialises_from_a_registered_x2_model(env, tmp_path):
     run_id = tracking.find_or_create_run(_config("x2").tracking, "chain/x2", "x2", uri, resume=False)
     logger = tracking.RunLogger(run_id, uri)
     logger.log_model_file(model_file)
-    version = logger.register("chain-x2", aliases=("best",))
+    logger.register("chain-x2", aliases=("best",))
     cfg = _config("x3", model={"scales": [3]}, train={"init_from": "models:/chain-x2@best"})
     preflight(cfg)  # resolves and checks the initial weights before any cluster work
     x3 = build_model(cfg.model)
-    report = init_from(x3, f"models:/chain-x2/{version}")
+    report = init_from(x3, cfg.train.init_from)  # the alias, resolved through the registry
     assert sorted(report.left_at_init) == ["tail.0.0.bias", "tail.0.0.weight"]
     torch.testing.assert_close(x3.state_dict()["body.0.body.0.weight"], x2.state_dict()["body.0.body.0.weight"])

@@ -65,13 +65,7 @@ JOB = ROOT / "jobs" / "upscale.py"
 GOOD = ["chelsea.png", "nested/deeper/coffee.png", "nested/rocket.jpg", "nested/camera.png", "nested/rgba.png"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and a shared, busy CI core makes thread handoffs slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -603,6 +597,7 @@ def test_model_stage_batches_same_size_images_and_equals_one_by_one(model, photo
     result = stage(decoded)
     rows = result.drop_columns(["pixels"]).to_pylist()
     pixels = [v.as_buffer() for v in result.column("pixels").combine_chunks()]
+    assert sorted(Path(row["input"]).name for row in rows) == sorted(images)  # every row comes back, failed or not
     for row, buf in zip(rows, pixels):
         if row["input"] == "bad.png":
             assert "not a recognised image format" in row["reason"] and buf.size == 0
