@@ -559,13 +559,10 @@ class ImageEvaluator:
         save_images: bool = False,
         pictures: bool = False,
     ):
-        import torch
-
-        from edsr_ray.inference import Upscaler
+        from edsr_ray.inference import OUT_OF_MEMORY_ERRORS, Upscaler
         from edsr_ray.models import load_model
 
-        # Running a model an image can also exhaust memory (a huge image, an untiled GPU run): that image's failure.
-        self._model_errors = (*_ITEM_ERRORS, MemoryError, torch.cuda.OutOfMemoryError)
+        self._model_errors = (*_ITEM_ERRORS, *OUT_OF_MEMORY_ERRORS)
         self.cfg = from_dict(StorageConfig, storage_config) if storage_config is not None else None
         self.output, self.save_images, self.pictures = output, save_images, pictures
         # (label, scales, upscaler or None for bicubic), in table order.

@@ -60,6 +60,10 @@ _CPU_MEMORY_CAP = 4 << 30
 _CPU_BATCH_PIXELS = 1 << 16
 
 
+# What a forward pass raises when an image does not fit in memory: that image's failure, not the whole run's.
+OUT_OF_MEMORY_ERRORS = (MemoryError, torch.cuda.OutOfMemoryError)
+
+
 class UpscaleCancelled(EdsrRayError):
     """The caller gave up on an upscale (see :func:`stop_when`); it stopped between two forward passes."""
 

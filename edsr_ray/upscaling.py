@@ -506,7 +506,7 @@ class UpscaleBatch:
     ):
         import torch
 
-        from edsr_ray.inference import Upscaler
+        from edsr_ray.inference import OUT_OF_MEMORY_ERRORS, Upscaler
         from edsr_ray.models import load_model
 
         if isinstance(model, list):  # [ObjectRef]: a list, so that Ray hands it over unresolved
@@ -521,7 +521,7 @@ class UpscaleBatch:
             inference = from_dict(InferenceConfig, inference, source="inference settings")
         self.scale = int(scale)
         self.upscaler = Upscaler.from_config(model, inference, device=device)
-        self.errors = (*ITEM_ERRORS, torch.cuda.OutOfMemoryError)  # the name that exists in every torch >= 2.4
+        self.errors = (*ITEM_ERRORS, *OUT_OF_MEMORY_ERRORS)
         logger.info("upscaling with %r", self.upscaler)
 
     def __call__(self, table: pa.Table) -> pa.Table:
