@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from edsr_ray.errors import EdsrRayError
+from edsr_ray.processes import find_command, log_tail
 from edsr_ray.raycluster import QUIET_ENV
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,7 @@ def free_ports(count: int, host: str = HOST) -> list[int]:
 
 def find_ray() -> str:
     """The ``ray`` command of this Python (its venv) first, then the one on ``PATH``."""
-    beside = Path(sys.executable).parent / "ray"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("ray")
+    found = find_command("ray")
     if found:
         return found
     raise LocalClusterError(f"the `ray` command was not found next to {sys.executable} or on PATH; pip install ray")
@@ -402,11 +400,7 @@ class LocalCluster:
             return json.loads(reply.read())
 
     def _log_tail(self, node: _Node, lines: int = 30) -> str:
-        try:
-            text = node.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+        return log_tail(node.log_path, lines)
 
 
 def _stop_nodes(nodes: list[_Node], owner_pid: int, timeout_s: float) -> None:

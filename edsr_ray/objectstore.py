@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import stat
@@ -40,6 +39,7 @@ from typing import Any
 
 from edsr_ray.config import StorageConfig
 from edsr_ray.errors import StorageError
+from edsr_ray.processes import find_command, log_tail
 from edsr_ray.storage import check_bucket_name
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,7 @@ _POLL_S = 0.1
 
 def find_weed() -> str:
     """Path of the SeaweedFS ``weed`` binary: next to this Python (its venv) first, then on ``PATH``."""
-    beside = Path(sys.executable).parent / "weed"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("weed")
+    found = find_command("weed")
     if found:
         return found
     raise StorageError(
@@ -440,11 +437,7 @@ class EmbeddedS3:
                 raise StorageError(f"cannot create bucket {bucket!r} at {self.endpoint_url}: {exc}") from exc
 
     def _log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+        return log_tail(self.log_path, lines)
 
 
 class _PortTaken(Exception):
