@@ -215,7 +215,7 @@ def model_only_rate(model_path: str, source: str, inputs: int, plan: batch.Model
                     self.stage(table.slice(start, size))
             return rounds * table.num_rows
 
-    tasks, _ = plan_tasks(source, f"s3://{BUCKET}/unused", "png")
+    tasks = plan_tasks(source, f"s3://{BUCKET}/unused", "png").tasks
     decoded = ray.put(decode_batch(tasks_table(tasks[:inputs])))
     checkpoint = ray.put(model_checkpoint(load_model(model_path)))
     actors = [

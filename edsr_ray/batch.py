@@ -45,6 +45,7 @@ from edsr_ray.config import InferenceConfig, StorageConfig, to_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
 from edsr_ray.raycluster import ensure_ray
 from edsr_ray.upscaling import (
+    IGNORED_EXAMPLES,
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
     SUMMARY_NAME,
@@ -158,6 +159,8 @@ class Summary:
     interrupted: str | None = None
     removed_temp_files: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    # Files of the input folder or prefix that are not inputs (not images, inside the output), with why.
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return int(pc.sum(pc.equal(self.manifest.column("status"), status)).as_py() or 0)
@@ -220,6 +223,8 @@ class Summary:
             "exit_code": self.exit_code(allow_failures),
             "interrupted": self.interrupted,
             "removed_temp_files": self.removed_temp_files,
+            "ignored": len(self.ignored),
+            "ignored_examples": [{"input": s, "why": why} for s, why in self.ignored[:IGNORED_EXAMPLES]],
             "failures": self.failures[:LOGGED_FAILURES],
             "settings": self.settings,
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -415,7 +420,11 @@ def run_upscale(
     compute = compute or ComputeOptions()
     if allow_failures < 0:
         raise ConfigError(f"allow_failures must be >= 0, got {allow_failures}")
-    input_uri, output_uri = absolute(str(input_uri)), absolute(str(output_uri)).rstrip("/")
+    # Every location is checked before anything is read or written: a gs:// output never becomes a local "gs:" folder.
+    if isinstance(model_source, str):
+        storage.location_kind(model_source, storage.MODEL_LOCATIONS, what="--model")
+    input_uri = absolute(str(input_uri), what="--input")
+    output_uri = absolute(str(output_uri), what="--output").rstrip("/")
     if not storage.is_s3(output_uri) and os.path.exists(output_uri) and not os.path.isdir(output_uri):
         raise StorageError(f"--output {output_uri} is a file; expected a folder (created when missing)")
     model = load_model(model_source, storage=cfg)
@@ -424,7 +433,7 @@ def run_upscale(
     removed = remove_stale_temp_files(output_uri)
     if removed:
         logger.info("removed %d temporary file(s) left in %s by an interrupted run", removed, output_uri)
-    tasks, refused = plan_tasks(input_uri, output_uri, options.fmt, cfg)
+    tasks, refused, ignored = plan_tasks(input_uri, output_uri, options.fmt, cfg)
     existing = existing_outputs(output_uri, cfg)
     pending = [t for t in tasks if t.dest not in existing]
     rows = [{"input": t.source, "output": t.dest, "status": "failed", "reason": why} for t, why in refused]
@@ -443,6 +452,12 @@ def run_upscale(
     )
     for task, why in refused:
         logger.warning("failed: %s: %s", task.source, why)
+    if ignored:
+        examples = "; ".join(f"{source}: {why}" for source, why in ignored[:IGNORED_EXAMPLES])
+        more = f"; and {len(ignored) - IGNORED_EXAMPLES} more" if len(ignored) > IGNORED_EXAMPLES else ""
+        logger.info(
+            "ignored %d file(s) that are not inputs (counted in %s): %s%s", len(ignored), SUMMARY_NAME, examples, more
+        )
 
     work = _Work(scale, to_dict(inference), to_dict(options), output_uri, None if cfg is None else to_dict(cfg))
     parts = [manifest_table(rows)]
@@ -485,7 +500,7 @@ def run_upscale(
         "compute": to_dict(compute),
     }
     manifest = pa.concat_tables([p.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA) for p in parts])
-    summary = Summary(manifest, seconds, time.perf_counter() - started, interrupted, removed, settings)
+    summary = Summary(manifest, seconds, time.perf_counter() - started, interrupted, removed, settings, ignored)
     try:
         write_reports(summary, output_uri, allow_failures, cfg)
     except StorageError as exc:

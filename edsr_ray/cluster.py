@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from edsr_ray.config import read_config_text
 from edsr_ray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -90,12 +91,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _load_yaml(path: Path, source: str) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: cluster config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{source}: cannot read cluster config file: {exc}") from None
+    text = read_config_text(path, "cluster config file")
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain data only
     except yaml.YAMLError as exc:

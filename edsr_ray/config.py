@@ -19,11 +19,13 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-from edsr_ray.errors import ConfigError
+from edsr_ray.errors import ConfigError, LocationError
 
 SCALES = (2, 3, 4)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ARCHS = ("edsr", "mdsr")
+# A YAML config file larger than this is refused unread (real ones are a few kilobytes).
+MAX_CONFIG_BYTES = 1 << 20
 
 T = TypeVar("T")
 
@@ -40,6 +42,21 @@ class _FieldError(ConfigError):
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise _FieldError(key, message)
+
+
+def _require_location(value: str | None, key: str, *, models: bool = False) -> None:
+    """A location setting must be in a scheme it supports: a local path, file:// or s3:// (and models:/ or runs:/ for
+    weights); ``gs://x`` is refused here, naming the key, instead of becoming a local folder "gs:" at run time."""
+    if not value:
+        return
+    # edsr_ray.storage owns what a location means; it imports this module (StorageConfig), so it is imported here,
+    # when a config is built, never while either module is still loading.
+    from edsr_ray import storage
+
+    try:
+        storage.location_kind(value, storage.MODEL_LOCATIONS if models else storage.DATA_LOCATIONS)
+    except LocationError as exc:
+        raise _FieldError(key, str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -89,11 +106,18 @@ class StorageConfig:
     max_attempts: int = 5  # attempts per request, retrying 5xx, throttling and dropped connections with backoff
     connect_timeout_s: float = 5.0  # a down endpoint fails after max_attempts of this
     read_timeout_s: float = 60.0  # per request read timeout
+    # Largest file or object one read takes in (an image, a list file, a manifest, model weights); larger ones fail
+    # by name, before their content is read where the size is known up front.
+    max_read_bytes: int = 512 << 20
+    # Wall time one object read may take, all attempts included: a server that sends too slowly fails by name.
+    read_budget_s: float = 300.0
 
     def __post_init__(self) -> None:
         _require(self.max_attempts >= 1, "max_attempts", f"must be >= 1, got {self.max_attempts}")
         _require(self.connect_timeout_s > 0, "connect_timeout_s", f"must be > 0, got {self.connect_timeout_s}")
         _require(self.read_timeout_s > 0, "read_timeout_s", f"must be > 0, got {self.read_timeout_s}")
+        _require(self.max_read_bytes >= 1, "max_read_bytes", f"must be >= 1, got {self.max_read_bytes}")
+        _require(self.read_budget_s > 0, "read_budget_s", f"must be > 0, got {self.read_budget_s}")
         if self.endpoint_url is not None:
             _require(
                 self.endpoint_url.startswith(("http://", "https://")),
@@ -129,6 +153,7 @@ class DataConfig:
         _require(self.epoch_patches >= 1, "epoch_patches", f"must be >= 1, got {self.epoch_patches}")
         if self.val_max_size is not None:
             _require(self.val_max_size >= 16, "val_max_size", f"must be >= 16 or null, got {self.val_max_size}")
+        _require_location(self.root, "root")
 
 
 @dataclass(frozen=True)
@@ -166,6 +191,7 @@ class TrainConfig:
             "precision",
             f"must be auto, fp32 or bf16, got {self.precision!r}",
         )
+        _require_location(self.init_from, "init_from", models=True)
 
 
 @dataclass(frozen=True)
@@ -203,6 +229,7 @@ class RunConfig:
             bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}"
         )
         _require(bool(self.storage_path), "storage_path", "must not be empty")
+        _require_location(self.storage_path, "storage_path")
         _require(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}")
         _require(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
 
@@ -421,6 +448,28 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], *, source: s
     return data
 
 
+def read_config_text(path: str | os.PathLike[str], what: str) -> str:
+    """The UTF-8 text of a YAML config file (``what``: "config file", ...), or a ConfigError naming the file.
+
+    Read like any input (:func:`edsr_ray.storage.read_bytes`): a FIFO or device named like a config fails at once
+    instead of blocking, and a file over :data:`MAX_CONFIG_BYTES` is refused.
+    """
+    from edsr_ray import storage  # see _require_location
+
+    source = os.fspath(path)
+    local = Path(source).expanduser()
+    try:
+        data = storage.read_bytes(local, max_bytes=MAX_CONFIG_BYTES)
+    except storage.NotFoundError:
+        raise ConfigError(f"{source}: {what} not found") from None
+    except OSError as exc:  # the message names the file first: keep one name, the caller's
+        raise ConfigError(f"{source}: {str(exc).removeprefix(f'{local}: ')}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: {what} is not UTF-8 text") from None
+
+
 def load_config(
     path: str | os.PathLike[str] | None, overrides: Iterable[str] = (), cls: type[T] = ExperimentConfig
 ) -> T:
@@ -428,13 +477,7 @@ def load_config(
     source = str(path) if path is not None else "<defaults>"
     data: Any = {}
     if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read config file: {exc.strerror}") from None
+        text = read_config_text(path, "config file")
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

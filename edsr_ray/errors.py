@@ -16,6 +16,10 @@ class ConfigError(EdsrRayError, ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, value out of range)."""
 
 
+class LocationError(ConfigError):
+    """A location (path or URI) uses a scheme that the place it was given to does not support (``gs://``, ...)."""
+
+
 class ImageError(EdsrRayError, ValueError):
     """An image cannot be decoded, is too large, or has a mode that cannot be handled."""
 

@@ -50,7 +50,7 @@ import numpy as np
 from edsr_ray import storage
 from edsr_ray.config import PRECISIONS, SCALES, StorageConfig, from_dict, to_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
-from edsr_ray.imaging import decode_image, encode_image, imresize
+from edsr_ray.imaging import IMAGE_SUFFIXES, decode_image, encode_image, imresize
 from edsr_ray.metrics import PROTOCOLS, psnr, ssim
 from edsr_ray.raycluster import ensure_ray
 
@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 
 BICUBIC = "bicubic"
 MANIFEST = "manifest.parquet"  # edsr_ray.data.MANIFEST_NAME, written by jobs/ingest.py
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ENSEMBLE_MODES = ("off", "both", "only")
 # Row order of the paper's Table 3; other sets follow in the order they were found.
 PAPER_SET_ORDER = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid")
@@ -172,7 +171,7 @@ def discover_sets(location: str, cfg: StorageConfig | None = None, *, exclude: s
 
 
 def _absolute(uri: str) -> str:
-    return uri if storage.is_s3(uri) else os.path.realpath(os.path.expanduser(uri))
+    return uri if storage.is_s3(uri) else os.path.realpath(storage.local_path(uri))
 
 
 def _strip_suffix(rel: str) -> str:
@@ -423,6 +422,14 @@ class EvaluationOptions:
         need(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
         need(self.grid >= 0, f"grid must be >= 0, got {self.grid}")
         need(self.workers is None or self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        # Locations in a scheme nothing here reads (gs://, S3://, gs:bucket) fail now, before anything is created.
+        for dataset in self.datasets:
+            storage.location_kind(dataset, storage.DATA_LOCATIONS, what="--dataset")
+        storage.location_kind(self.output, storage.DATA_LOCATIONS, what="--output")
+        for model in self.models:
+            spec = ModelSpec.parse(model)
+            if not spec.is_bicubic:
+                storage.location_kind(spec.source, storage.MODEL_LOCATIONS, what="--model")
 
 
 @dataclass(frozen=True)
@@ -501,8 +508,8 @@ def _output_join(output: str, *parts: str) -> str:
     """``output/parts...``; refuses anything that would land outside ``output`` (``..``, a symbolic link out)."""
     uri = storage.join(output, *parts)
     if not storage.is_s3(uri):
-        root = os.path.realpath(os.path.expanduser(output))
-        parent = os.path.realpath(os.path.dirname(os.path.expanduser(uri)))
+        root = os.path.realpath(storage.local_path(output))
+        parent = os.path.realpath(os.path.dirname(storage.local_path(uri)))
         if parent != root and not parent.startswith(root.rstrip(os.sep) + os.sep):
             raise StorageError(f"refusing to write {uri}: it resolves outside the output folder {output}")
     return uri
@@ -772,7 +779,7 @@ def _listing(problems: Sequence[str]) -> str:
 
 def _check_output(output: str) -> None:
     if not storage.is_s3(output):
-        path = os.path.expanduser(output)
+        path = storage.local_path(output)
         if os.path.exists(path) and not os.path.isdir(path):
             raise EvaluationError(f"--output {output} is a file; expected a folder (created when missing)")
 

@@ -6,6 +6,8 @@
 * :func:`rgb_to_y` is the ITU-R BT.601 luma used by the paper's evaluation.
 * :func:`decode_image` turns untrusted bytes into arrays (RGB, optional alpha, 8 or 16 bit) behind a
   decompression-bomb guard; :func:`encode_image` writes PNG (lossless, fast), JPEG or WebP.
+* :func:`sniff` tells what a file is from its first bytes (image, video or something else, and which), for inputs
+  without an extension and for failure reasons that name a file's type instead of quoting its content.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -39,6 +42,9 @@ _EXTENSION_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _EXIF_ORIENTATION = 0x0112
+
+# File names taken for images when a folder is searched (case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -178,6 +184,139 @@ def rgb_to_y(image: np.ndarray) -> np.ndarray:
         raise ImageError("rgb_to_y expects values in the 0-255 range; reduce uint16 images to 8 bit first")
     rgb = image.astype(np.float64)
     return 16.0 + (65.738 * rgb[..., 0] + 129.057 * rgb[..., 1] + 25.064 * rgb[..., 2]) / 256.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Recognising content
+# ----------------------------------------------------------------------------------------------------------------------
+
+SNIFF_BYTES = 512
+"""Bytes :func:`sniff` looks at: enough for every signature it knows (a tar header's magic sits at byte 257)."""
+
+
+@dataclass(frozen=True)
+class Sniffed:
+    """What a file's first bytes say it is.
+
+    ``kind`` is "image" (a still-image format; :func:`decode_image` reads png, jpeg, webp, gif, bmp, tiff, pnm and a
+    few more), "video" or "other"; ``format`` a short name for images and videos ("png", "mp4", ...); ``description``
+    names the type for messages ("a PNG image", "an MP4 video", "a PDF document", "1234 bytes of UTF-8 text") and
+    never quotes the content.
+    """
+
+    kind: str
+    description: str
+    format: str | None = None
+
+    @property
+    def extension(self) -> str | None:
+        """The extension a file of this format is written with (".png", ".jpg", ...); None when unknown."""
+        if self.format is None:
+            return None
+        return FORMAT_EXTENSIONS.get(self.format, f".{self.format}")
+
+
+# (kind, format, description, test on the head): the first match wins, so specific signatures come first.
+_SIGNATURES: tuple[tuple[str, str | None, str, Callable[[bytes], bool]], ...] = (
+    ("image", "png", "a PNG image", lambda h: h.startswith(_PNG_SIGNATURE)),
+    ("image", "jpeg", "a JPEG image", lambda h: h.startswith(b"\xff\xd8\xff")),
+    ("image", "webp", "a WebP image", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP"),
+    ("image", "gif", "a GIF image", lambda h: h[:6] in (b"GIF87a", b"GIF89a")),
+    ("image", "tiff", "a TIFF image", lambda h: h[:4] in (b"II*\x00", b"MM\x00*")),
+    ("image", "bmp", "a BMP image", lambda h: h[:2] == b"BM" and len(h) >= 26 and h[6:10] == b"\x00" * 4),
+    (
+        "image",
+        "pnm",
+        "a Netpbm image",
+        lambda h: len(h) > 2 and h[0:1] == b"P" and h[1] in b"123456" and h[2] in b" \t\r\n",
+    ),
+    ("image", "qoi", "a QOI image", lambda h: h.startswith(b"qoif")),
+    ("image", "psd", "a Photoshop image", lambda h: h.startswith(b"8BPS")),
+    (
+        "image",
+        "jp2",
+        "a JPEG 2000 image",
+        lambda h: h.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")),
+    ),
+    ("image", "jxl", "a JPEG XL image", lambda h: h.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n"))),
+    ("image", "avif", "an AVIF image", lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis")),
+    ("image", "heic", "a HEIF image", lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"mif1", b"msf1")),
+    ("image", "ico", "an ICO icon", lambda h: h.startswith(b"\x00\x00\x01\x00") and len(h) > 6 and h[4] > 0),
+    ("video", "mov", "a QuickTime video", lambda h: h[4:12] == b"ftypqt  " or h[4:8] in (b"moov", b"mdat", b"wide")),
+    ("video", "3gp", "a 3GP video", lambda h: h[4:8] == b"ftyp" and h[8:11] in (b"3gp", b"3g2")),
+    ("other", "m4a", "an M4A audio file", lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"M4A ", b"M4B ")),
+    ("video", "mp4", "an MP4 video", lambda h: h[4:8] == b"ftyp"),
+    ("video", "webm", "a WebM video", lambda h: h.startswith(b"\x1a\x45\xdf\xa3") and b"webm" in h[:64]),
+    ("video", "mkv", "a Matroska video", lambda h: h.startswith(b"\x1a\x45\xdf\xa3")),
+    ("video", "avi", "an AVI video", lambda h: h[:4] == b"RIFF" and h[8:12] == b"AVI "),
+    ("video", "flv", "an FLV video", lambda h: h.startswith(b"FLV\x01")),
+    ("video", "mpg", "an MPEG video", lambda h: h.startswith((b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3"))),
+    ("video", "ts", "an MPEG transport stream", lambda h: len(h) > 376 and h[0] == h[188] == h[376] == 0x47),
+    ("video", "wmv", "a Windows Media file", lambda h: h.startswith(b"\x30\x26\xb2\x75\x8e\x66\xcf\x11")),
+    ("other", None, "an Ogg media file", lambda h: h.startswith(b"OggS")),
+    ("other", None, "a WAV audio file", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WAVE"),
+    ("other", None, "an MP3 audio file", lambda h: h.startswith(b"ID3")),
+    ("other", None, "a PDF document", lambda h: h.startswith(b"%PDF-")),
+    ("other", None, "a ZIP archive", lambda h: h[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")),
+    ("other", None, "a gzip archive", lambda h: h.startswith(b"\x1f\x8b")),
+    ("other", None, "a bzip2 archive", lambda h: h.startswith(b"BZh") and len(h) > 3 and h[3] in b"123456789"),
+    ("other", None, "an xz archive", lambda h: h.startswith(b"\xfd7zXZ\x00")),
+    ("other", None, "a Zstandard archive", lambda h: h.startswith(b"\x28\xb5\x2f\xfd")),
+    ("other", None, "a 7-Zip archive", lambda h: h.startswith(b"7z\xbc\xaf\x27\x1c")),
+    ("other", None, "a RAR archive", lambda h: h.startswith(b"Rar!\x1a\x07")),
+    ("other", None, "a tar archive", lambda h: h[257:262] == b"ustar"),
+    ("other", None, "a Parquet file", lambda h: h.startswith(b"PAR1")),
+    ("other", None, "an SQLite database", lambda h: h.startswith(b"SQLite format 3\x00")),
+    ("other", None, "a Python pickle", lambda h: len(h) > 1 and h[0] == 0x80 and 2 <= h[1] <= 5),
+    ("other", None, "an ELF executable", lambda h: h.startswith(b"\x7fELF")),
+    ("other", None, "a Windows executable", lambda h: h.startswith(b"MZ") and b"\x00" in h[:64]),
+)
+# Markup recognised at the start of a text file (after white space, case-insensitive).
+_MARKUP = ((b"<svg", "an SVG drawing"), (b"<!doctype html", "an HTML page"), (b"<html", "an HTML page"))
+
+
+def sniff(head: bytes, size: int | None = None) -> Sniffed:
+    """What a file is, from its first bytes: ``head`` may be the whole file; only :data:`SNIFF_BYTES` are looked at.
+
+    ``size`` is the whole file's size, when ``head`` is only its start (it appears in the description of text and
+    unrecognised data). The one place content is recognised: decoding failures, model loading and the listing of
+    inputs without an extension all describe files through it.
+    """
+    size = len(head) if size is None else size
+    head = bytes(head[:SNIFF_BYTES])
+    if not head:
+        return Sniffed("other", "an empty file")
+    for kind, fmt, description, test in _SIGNATURES:
+        if test(head):
+            return Sniffed(kind, description, fmt)
+    if _is_text(head):
+        start = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()
+        if start.startswith(b"<?xml"):
+            return Sniffed("other", "an SVG drawing" if b"<svg" in head.lower() else "an XML document")
+        for tag, description in _MARKUP:
+            if start.startswith(tag):
+                return Sniffed("other", description)
+        return Sniffed("other", f"{size} bytes of UTF-8 text")
+    return Sniffed("other", f"{size} bytes of binary data")
+
+
+def _is_text(head: bytes) -> bool:
+    """UTF-8 without control characters other than white space (a character cut by the end of ``head`` is allowed)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason != "unexpected end of data":
+            return False
+        text = head[: exc.start].decode("utf-8")
+    return not any((ord(c) < 32 and c not in "\t\n\r\f\v\x1b") or c == "\x7f" for c in text)
+
+
+def not_an_image(data: bytes, name: str) -> ImageError:
+    """The error for bytes no decoder recognises, naming what they are instead (never their content)."""
+    found = sniff(data)
+    if found.kind == "image":
+        return ImageError(f"{name}: {found.description}, a format this decoder does not read")
+    return ImageError(f"{name}: not a recognised image format: {found.description}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -328,8 +467,7 @@ def _open_pillow(data: bytes, name: str) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name}: refused by Pillow's decompression-bomb limit: {exc}") from None
     except UnidentifiedImageError:
-        head = data[:8].hex(" ")
-        raise ImageError(f"{name}: not a recognised image format ({len(data)} bytes starting {head})") from None
+        raise not_an_image(data, name) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise ImageError(f"{name}: corrupt image header: {exc}") from None
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import sys
 import time
@@ -58,14 +57,15 @@ import numpy as np
 from edsr_ray import data as data_lib
 from edsr_ray import storage as storage_lib
 from edsr_ray.config import SCALES, StorageConfig
-from edsr_ray.errors import EdsrRayError, ImageError
-from edsr_ray.imaging import decode_image, encode_image, imresize
+from edsr_ray.errors import EdsrRayError, ImageError, StorageError
+from edsr_ray.imaging import IMAGE_SUFFIXES, decode_image, encode_image, imresize
 from edsr_ray.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "valid", "test")
+# Sources are local folders or zip files (read by this node's tasks); the destination may be S3 too.
+SOURCE_LOCATIONS = (storage_lib.LOCAL,)
 # Largest source file read into memory (a 2K PNG is ~4 MB); guards against zip bombs and stray huge files.
 MAX_SOURCE_BYTES = 512 * 1024 * 1024
 _DIV2K_HR = re.compile(r"(?:^|/)DIV2K_(?P<split>train|valid|test)_HR/(?P<stem>[^/]+)\.\w+$")
@@ -100,10 +100,10 @@ class SourceFile:
     def read(self) -> bytes:
         try:
             if self.member is None:
-                size = os.path.getsize(self.path)
-                if size > MAX_SOURCE_BYTES:
-                    raise ImageError(f"{self.name}: {size:,} bytes is larger than the {MAX_SOURCE_BYTES:,} allowed")
-                return Path(self.path).read_bytes()
+                try:  # only a regular file is read: a FIFO named like an image fails here instead of blocking
+                    return storage_lib.read_bytes(self.path, max_bytes=MAX_SOURCE_BYTES)
+                except StorageError as exc:
+                    raise ImageError(str(exc)) from None
             with zipfile.ZipFile(self.path) as archive:
                 info = archive.getinfo(self.member)
                 if info.file_size > MAX_SOURCE_BYTES:
@@ -146,17 +146,22 @@ class _Found:
 
 def _list_source(source: str) -> tuple[str, list[SourceFile]]:
     """(label, image files) of one source: a folder walked recursively, or a zip file's members."""
-    if storage_lib.is_s3(source):
-        raise EdsrRayError(f"--source {source}: sources must be local folders or zip files (the destination may be S3)")
-    path = Path(source).expanduser().absolute()
+    storage_lib.location_kind(source, SOURCE_LOCATIONS, what="--source")
+    path = storage_lib.local_path(source).absolute()
     if path.is_dir():
+        # The storage listing includes special files and links to folders named like images, so that reading each
+        # fails by name (a FIFO never blocks a task, nothing named like an image vanishes); hidden files are skipped.
         files = []
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
-            for name in sorted(filenames):
-                if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
-                    files.append(SourceFile(os.path.join(dirpath, name)))
+        for uri in storage_lib.list_files(str(path), suffixes=IMAGE_SUFFIXES):
+            if not any(part.startswith(".") or part == "__MACOSX" for part in Path(uri).relative_to(path).parts):
+                files.append(SourceFile(uri))
         return path.name, files
+    try:
+        storage_lib.check_regular_file(path)  # a FIFO named .zip would block the zip reader
+    except storage_lib.NotFoundError:
+        raise EdsrRayError(f"--source {source}: no such folder or file") from None
+    except StorageError as exc:
+        raise EdsrRayError(f"--source {exc}") from None
     if path.is_file() and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             members = [
@@ -216,7 +221,7 @@ def discover(
     ignored = 0
     for source in sources:
         label, files = _list_source(source)
-        root = str(Path(source).expanduser().absolute())
+        root = str(storage_lib.local_path(source).absolute())
         for file in files:
             item = _classify(_relative(file, root), file, label, dataset)
             if item is None:
@@ -580,7 +585,12 @@ def ingest(
         raise EdsrRayError(f"scales must be a non-empty subset of {list(SCALES)}, got {list(scales)}")
     if not sources:
         raise EdsrRayError("no --source given")
-    dest = str(dest).rstrip("/") if storage_lib.is_s3(dest) else str(Path(dest).expanduser().absolute())
+    for source in sources:  # every location is checked before anything is read or written
+        storage_lib.location_kind(source, SOURCE_LOCATIONS, what="--source")
+    if storage_lib.location_kind(dest, storage_lib.DATA_LOCATIONS, what="--dest") == storage_lib.S3:
+        dest = str(dest).rstrip("/")
+    else:
+        dest = str(storage_lib.local_path(dest).absolute())
     items, problems = discover(sources, dataset=dataset, split=split)
     report = IngestReport(dest, images=len(items))
     report.failed += problems

@@ -489,14 +489,20 @@ def _torch_load(data: bytes, name: str, map_location: Any) -> Any:
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
         reason = detail.group(1).strip()[:200] if detail else "unrecognised content"
         raise ModelLoadError(
-            f"{name}: not a PyTorch weights file ({len(data)} bytes starting {data[:8]!r}): the weights-only loader "
-            f"rejected it ({reason}); nothing was executed"
+            f"{name}: not a PyTorch weights file ({_content(data)}): the weights-only loader rejected it ({reason}); "
+            "nothing was executed"
         ) from None
     except Exception as exc:  # torch raises many types (RuntimeError, EOFError, KeyError, ...) for foreign bytes
         raise ModelLoadError(
-            f"{name}: not a PyTorch weights file ({len(data)} bytes starting {data[:8]!r}): "
-            f"{type(exc).__name__}: {str(exc)[:200]}"
+            f"{name}: not a PyTorch weights file ({_content(data)}): {type(exc).__name__}: {str(exc)[:200]}"
         ) from exc
+
+
+def _content(data: bytes) -> str:
+    """What the bytes are ("a PNG image", "1234 bytes of UTF-8 text"), never the bytes themselves."""
+    from edsr_ray.imaging import sniff  # only on this failure path: loading weights needs no image codecs
+
+    return sniff(data).description
 
 
 def _pick_file_in_dir(path: Path) -> Path:
@@ -512,29 +518,33 @@ def _pick_file_in_dir(path: Path) -> Path:
     raise ModelLoadError(f"{path}: directory has no model.pt (nor a single .pt/.pth file); it holds {listing}")
 
 
-def _read_local(path: str | os.PathLike, display: str | None = None) -> tuple[bytes, str]:
-    p = Path(path).expanduser()
+def _read_local(path: str | os.PathLike, storage: Any, display: str | None = None) -> tuple[bytes, str]:
+    from edsr_ray import storage as store
+
+    p = store.local_path(path)
     if p.is_dir():
         p = _pick_file_in_dir(p)
     name = display or str(p)
-    if not p.exists():
+    if not os.path.lexists(p):
         raise ModelLoadError(f"{name}: no such file")
     try:
-        return p.read_bytes(), name
+        # A FIFO, device or folder named like a weights file fails here by name instead of blocking the read.
+        return store.read_bytes(p, storage), name
     except OSError as exc:
-        raise ModelLoadError(f"{name}: cannot read weights file: {exc.strerror or exc}") from exc
+        raise ModelLoadError(f"cannot read the weights file: {exc}") from exc
 
 
 def _read_source_bytes(source: str, storage: Any) -> tuple[bytes, str]:
-    if source.startswith(("models:/", "runs:/")):
+    from edsr_ray import storage as store  # boto3 is only imported when an object URI is read
+
+    kind = store.location_kind(source, store.MODEL_LOCATIONS, what="model source")
+    if kind == store.MLFLOW:
         from edsr_ray.tracking import download_model_uri  # MLflow is only imported when such a URI is used
 
         with tempfile.TemporaryDirectory(prefix="edsr-model-") as tmp:  # the bytes are read; nothing is left behind
-            data, name = _read_local(download_model_uri(source, dst_path=tmp))
+            data, name = _read_local(download_model_uri(source, dst_path=tmp), storage)
         return data, f"{source} ({name})"
-    if source.startswith("s3://"):
-        from edsr_ray import storage as store  # boto3 is only imported when an object URI is used
-
+    if kind == store.S3:
         if source.endswith("/"):
             source = store.join(source, "model.pt")
         elif not source.endswith((".pt", ".pth")):
@@ -543,7 +553,7 @@ def _read_source_bytes(source: str, storage: Any) -> tuple[bytes, str]:
             if store.exists(inner, storage):
                 source = inner
         return store.read_bytes(source, storage), source
-    return _read_local(source)
+    return _read_local(source, storage)
 
 
 def _unpack(obj: Any, name: str) -> tuple[dict[str, Any], ModelConfig | None]:
@@ -650,16 +660,16 @@ def model_checkpoint(model: nn.Module) -> dict[str, Any]:
 
 def save_model(model: nn.Module, path: str | os.PathLike, *, storage: Any = None) -> str:
     """Write :func:`model_checkpoint` to ``path`` atomically (temp file + rename, or one S3 PUT); returns the path."""
+    from edsr_ray import storage as store
+
     ckpt = model_checkpoint(model)
     target = os.fspath(path)
-    if target.startswith("s3://"):
-        from edsr_ray import storage as store
-
+    if store.location_kind(path, store.DATA_LOCATIONS, what="model destination") == store.S3:
         buf = io.BytesIO()
         torch.save(ckpt, buf)
         store.write_bytes(target, buf.getvalue(), storage)
         return target
-    p = Path(target).expanduser()
+    p = store.local_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     # The temp file sits beside the target so the rename is atomic and nothing is written elsewhere.
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")

@@ -25,7 +25,6 @@ import threading
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -41,8 +40,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from edsr_ray import __version__
-from edsr_ray.config import PRECISIONS, SCALES, StorageConfig, from_dict, to_dict
-from edsr_ray.errors import ConfigError, EdsrRayError, ImageError, ImageTooLargeError
+from edsr_ray.config import PRECISIONS, SCALES, StorageConfig, from_dict, read_config_text, to_dict
+from edsr_ray.errors import ConfigError, EdsrRayError, ImageError, ImageTooLargeError, LocationError
+from edsr_ray.storage import MODEL_LOCATIONS, location_kind
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,10 @@ class ServeSettings:
                 f"models.{name}",
                 f"expected a weights path or URI, got {source!r}",
             )
+            try:
+                location_kind(source, MODEL_LOCATIONS)
+            except LocationError as exc:
+                raise _InvalidSetting(f"models.{name}: {exc}") from None
         object.__setattr__(self, "models", dict(self.models))  # a private copy: the settings stay as validated
         if self.default_model is not None:
             _check(
@@ -220,9 +224,7 @@ def settings_from_args(args: Mapping[str, Any] | None, *, environ: Mapping[str, 
     source = "application args"
     if path:
         try:
-            loaded = yaml.safe_load(Path(path).expanduser().read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read serve settings: {exc.strerror or exc}") from None
+            loaded = yaml.safe_load(read_config_text(path, "serve settings"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(loaded, Mapping):

@@ -7,7 +7,13 @@ used for single objects and the ``pyarrow.fs.S3FileSystem`` handed to Ray Data a
 Settings come from :class:`~edsr_ray.config.StorageConfig` where it sets them and otherwise from the standard AWS
 environment and config files (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``). ``cfg=None`` means environment
-only. Local paths may be plain (``~`` is expanded) or ``file://`` URIs.
+only. Local paths may be plain (``~`` is expanded) or ``file://`` URIs; :func:`location_kind` is the one place that
+decides what a location string means, and refuses any other scheme (``gs://``, ``S3://``, ``gs:bucket``) instead of
+taking it for a local folder.
+
+Reads of user input are bounded: local files are checked to be regular files before they are opened (a FIFO, socket,
+device or directory named like an image fails at once instead of blocking), every read stops at
+``StorageConfig.max_read_bytes``, and an object read from S3 must finish within ``StorageConfig.read_budget_s``.
 
 Failures are raised as :class:`~edsr_ray.errors.StorageError` (missing objects as :class:`NotFoundError`) with a
 message that names the URI and the endpoint and never a secret.
@@ -16,22 +22,24 @@ message that names the URI and the endpoint and never a secret.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from edsr_ray.config import StorageConfig
-from edsr_ray.errors import StorageError
+from edsr_ray.errors import LocationError, StorageError
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -40,6 +48,27 @@ log = logging.getLogger(__name__)
 
 S3_PREFIX = "s3://"
 FILE_PREFIX = "file://"
+MLFLOW_PREFIXES = ("models:/", "runs:/")
+# Kinds of location (:func:`location_kind`); each place that takes a location says which kinds it supports.
+LOCAL, S3, MLFLOW = "local", "s3", "mlflow"
+DATA_LOCATIONS = (LOCAL, S3)
+MODEL_LOCATIONS = (LOCAL, S3, MLFLOW)
+_KIND_NAMES = {
+    LOCAL: "a local path (or file:// URI)",
+    S3: "s3://bucket/key",
+    MLFLOW: "an MLflow models:/ or runs:/ URI",
+}
+# Near misses of the supported schemes (S3://, s3a://, s3:bucket, models:x): their kind and exact spelling, for a hint.
+_NEAR_MISSES = {
+    "s3": (S3, S3_PREFIX),
+    "s3a": (S3, S3_PREFIX),
+    "s3n": (S3, S3_PREFIX),
+    "file": (LOCAL, FILE_PREFIX),
+    "models": (MLFLOW, "models:/"),
+    "runs": (MLFLOW, "runs:/"),
+}
+# Local files are read in chunks of this size once the expected size is exceeded (a growing file, /proc).
+READ_CHUNK = 1 << 20
 # Objects at least this large go up as a multipart upload: S3 only makes the object visible when the upload is
 # completed, so readers never see a partial object either way, and a lost connection costs one part, not the whole.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
@@ -72,17 +101,68 @@ _AUTH_CODES = frozenset(
 )
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# A URI scheme and its colon at the start of a location: "gs://b/x", "S3://b", and the short forms "gs:b/x", "s3:b".
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 T = TypeVar("T")
+_DEFAULT_SETTINGS = StorageConfig()  # what cfg=None means
 
 
 class NotFoundError(StorageError, FileNotFoundError):
     """The object, file or bucket does not exist; the message names the URI."""
 
 
+class NotRegularFileError(StorageError):
+    """A local path to be read is not a regular file (a FIFO, socket, device, directory, or a broken or looping
+    symbolic link); the message names the path and what it is."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # URIs
+
+
+def location_kind(location: str | os.PathLike[str], allowed: Iterable[str] = DATA_LOCATIONS, *, what: str = "") -> str:
+    """The kind of ``location``: :data:`LOCAL`, :data:`S3` or :data:`MLFLOW`, which must be one of ``allowed``.
+
+    ``s3://bucket/key`` is S3; ``models:/...`` and ``runs:/...`` are MLflow; ``file://`` URIs, plain paths and
+    ``os.PathLike`` objects are local. Anything else that starts like a URI scheme (``gs://``, ``S3://``, ``s3a://``,
+    ``http://``, and the colon forms ``gs:bucket/x`` or ``s3:bucket``) raises :class:`~edsr_ray.errors.LocationError`
+    naming the supported kinds, so such a location is never taken for a local folder called ``gs:``. ``what`` (e.g.
+    ``"--output"``) starts the message.
+    """
+    allowed = tuple(allowed)
+    text = os.fspath(location)
+    if isinstance(location, os.PathLike) or text.startswith(FILE_PREFIX):
+        kind = LOCAL
+    elif text.startswith(S3_PREFIX):
+        kind = S3
+    elif text.startswith(MLFLOW_PREFIXES):
+        kind = MLFLOW
+    elif match := _SCHEME.match(text):
+        raise LocationError(_foreign_scheme(text, match.group(1), allowed, what))
+    else:
+        kind = LOCAL
+    if kind not in allowed:
+        shown = f"{what} {text}" if what else text
+        raise LocationError(f"{shown}: {_KIND_NAMES[kind]} is not supported here; use {_supported(allowed)}")
+    return kind
+
+
+def _supported(allowed: tuple[str, ...]) -> str:
+    names = [_KIND_NAMES[k] for k in allowed]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _foreign_scheme(text: str, scheme: str, allowed: tuple[str, ...], what: str) -> str:
+    written = f"{scheme}://" if text[len(scheme) + 1 :].startswith("//") else f"{scheme}:"
+    shown = f"{what} {text}" if what else text
+    message = f"{shown}: unsupported scheme {written!r}; supported here: {_supported(allowed)}"
+    kind, spelling = _NEAR_MISSES.get(scheme.lower(), (None, ""))
+    if kind in allowed:
+        message += f"; did you mean {spelling}? (only that exact spelling is understood)"
+    if LOCAL in allowed and not written.endswith("//"):
+        message += f"; for a local name that contains a colon, write ./{text}"
+    return message
 
 
 def is_s3(uri: str | os.PathLike[str]) -> bool:
@@ -113,18 +193,18 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
     return out
 
 
-def _local_path(uri: str | os.PathLike[str]) -> Path:
+def local_path(uri: str | os.PathLike[str]) -> Path:
+    """The local path a plain path or ``file://`` URI names (``~`` expanded); other schemes are refused."""
     text = os.fspath(uri)
     if not text:
         raise StorageError("empty path: expected a local path or an s3://bucket/key URI")
+    if location_kind(uri, DATA_LOCATIONS) != LOCAL:
+        raise LocationError(f"{text}: expected a local path or file:// URI here")
     if text.startswith(FILE_PREFIX):
         parts = urlsplit(text)
         if parts.netloc not in ("", "localhost"):
             raise StorageError(f"{text!r}: file:// URIs on another host ({parts.netloc}) are not supported")
         text = unquote(parts.path)
-    elif _SCHEME.match(text):
-        scheme = text.split("://", 1)[0]
-        raise StorageError(f"{text!r}: unsupported scheme {scheme!r}; use s3://bucket/key or a local path")
     return Path(os.path.expanduser(text))
 
 
@@ -287,7 +367,7 @@ def resolve_pyarrow(uri: str | os.PathLike[str], cfg: StorageConfig | None = Non
     if is_s3(uri):
         bucket, key = split_s3(uri)
         return pyarrow_filesystem(cfg), f"{bucket}/{key}".rstrip("/")
-    return pafs.LocalFileSystem(), str(_local_path(uri).absolute())
+    return pafs.LocalFileSystem(), str(local_path(uri).absolute())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -361,28 +441,218 @@ def _local_error(exc: OSError, op: str, uri: str | os.PathLike[str]) -> StorageE
 # Operations
 
 
-def read_bytes(uri: str | os.PathLike[str], cfg: StorageConfig | None = None) -> bytes:
-    """The whole content of a file or object."""
+def read_bytes(uri: str | os.PathLike[str], cfg: StorageConfig | None = None, *, max_bytes: int | None = None) -> bytes:
+    """The whole content of a file or object, at most ``max_bytes`` (default: ``cfg.max_read_bytes``).
+
+    Local: only a regular file is read (a FIFO, socket, device or directory fails at once, by name, without being
+    opened for reading). S3: an object that declares more than the limit is refused before its body is read, a body
+    that runs past it is cut off, and the whole read must finish within ``cfg.read_budget_s``.
+    """
+    limit = (cfg or _DEFAULT_SETTINGS).max_read_bytes if max_bytes is None else max_bytes
     if not is_s3(uri):
-        try:
-            return _local_path(uri).read_bytes()
-        except OSError as exc:
-            raise _local_error(exc, "read", uri) from exc
+        with _open_regular(uri) as (fd, size):
+            if size > limit:
+                raise _too_large(uri, f"{size:,} bytes", limit)
+            return _read_fd(fd, size, limit, os.fspath(uri))
     bucket, key = _object(uri)
     backend = _backend(cfg)
-    from botocore.exceptions import ResponseStreamingError
+    return _get_object(backend, uri, {"Bucket": bucket, "Key": key}, limit)[0]
 
+
+def read_head(uri: str | os.PathLike[str], size: int, cfg: StorageConfig | None = None) -> tuple[bytes, int]:
+    """(the first ``size`` bytes, the whole size) of a file or object: a ranged read, for content sniffing.
+
+    The same checks as :func:`read_bytes` apply: special files fail by name, and an S3 read is time-bounded.
+    """
+    if not is_s3(uri):
+        with _open_regular(uri) as (fd, total):
+            return _read_fd(fd, size, size, os.fspath(uri), cut=True), total
+    bucket, key = _object(uri)
+    backend = _backend(cfg)
+    request = {"Bucket": bucket, "Key": key, "Range": f"bytes=0-{max(size, 1) - 1}"}
+    try:
+        head, response = _get_object(backend, uri, request, size, cut=True)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, Exception) and _error_code(exc.__cause__) == "InvalidRange":
+            return b"", 0  # an empty object has no byte 0
+        raise
+    # "bytes 0-511/12345": the whole size follows the slash; without a range, the length is the whole size.
+    whole = str(response.get("ContentRange", "")).rpartition("/")[2]
+    return head, int(whole) if whole.isdigit() else int(response.get("ContentLength") or len(head))
+
+
+def check_regular_file(uri: str | os.PathLike[str]) -> os.stat_result:
+    """``os.stat`` of a local regular file, found without opening it: anything else raises the error :func:`read_bytes`
+    would, naming the path and what it is (:class:`NotFoundError`, or :class:`NotRegularFileError` for ``not a regular
+    file: a FIFO (named pipe)``, a dangling symbolic link, a loop of links, ...)."""
+    return _stat_regular(local_path(uri), os.fspath(uri))
+
+
+def _stat_regular(path: Path, text: str) -> os.stat_result:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise NotRegularFileError(
+                f"{text}: not a regular file: a dangling symbolic link (its target does not exist)"
+            ) from None
+        raise NotFoundError(f"{text}: no such file or directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFileError(f"{text}: not a regular file: a loop of symbolic links") from None
+        raise _local_error(exc, "read", text) from exc
+    _require_regular(info.st_mode, path, text)
+    return info
+
+
+def _require_regular(mode: int, path: Path, text: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    what = next((name for test, name in kinds if test(mode)), "a special file")
+    via = " reached through a symbolic link" if os.path.islink(path) else ""
+    raise NotRegularFileError(f"{text}: not a regular file: {what}{via}")
+
+
+@contextlib.contextmanager
+def _open_regular(uri: str | os.PathLike[str]) -> Iterator[tuple[int, int]]:
+    """(descriptor, size) of a local regular file, opened for reading only after ``stat`` said it is one.
+
+    Opening a FIFO for reading blocks until a writer appears and opening a device can have side effects, so those are
+    refused from ``stat`` alone. ``O_NONBLOCK`` and the ``fstat`` of the open descriptor cover a file replaced by one
+    of them in between.
+    """
+    path, text = local_path(uri), os.fspath(uri)
+    _stat_regular(path, text)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _local_error(exc, "read", text) from exc
+    try:
+        info = os.fstat(fd)
+        _require_regular(info.st_mode, path, text)
+        yield fd, info.st_size
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise _local_error(exc, "read", text) from exc
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, expected: int, limit: int, text: str, *, cut: bool = False) -> bytes:
+    """Read a descriptor to its end: the first read asks for one byte more than ``expected`` (the file's size), so a
+    whole file usually takes one read and its end one more; a file that grows meanwhile, or reports no size
+    (``/proc``), goes on in chunks up to the limit."""
+    return _collect(lambda n: os.read(fd, n), min(expected, limit) + 1, limit, text, cut=cut)
+
+
+def _collect(
+    read: Callable[[int], bytes],
+    first: int,
+    limit: int,
+    text: str,
+    *,
+    cut: bool,
+    before_each: Callable[[int], None] | None = None,
+) -> bytes:
+    """Chunks from ``read(n)`` until it returns nothing: at most ``limit`` bytes, more is an error (or, with ``cut``,
+    the first ``limit`` bytes are returned). ``before_each(bytes so far)`` runs before every read (a deadline)."""
+    parts: list[bytes] = []
+    total, want = 0, first
+    while True:
+        if before_each is not None:
+            before_each(total)
+        chunk = read(min(want, limit + 1 - total))
+        if not chunk:
+            break
+        parts.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            if cut:
+                return b"".join(parts)[:limit]
+            raise _too_large(text, f"more than {limit:,} bytes", limit)
+        want = READ_CHUNK
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _too_large(uri: str | os.PathLike[str], size: str, limit: int) -> StorageError:
+    return StorageError(
+        f"{os.fspath(uri)}: {size} is more than the {limit:,} bytes one read may take (the max_read_bytes limit)"
+    )
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _get_object(
+    backend: _Backend, uri: str, request: dict[str, Any], limit: int, *, cut: bool = False
+) -> tuple[bytes, dict[str, Any]]:
+    """(body, response) of a GET, the body bounded by ``limit`` bytes and by the settings' read budget (all attempts
+    together); ``cut`` returns the first ``limit`` bytes of a longer body instead of refusing it."""
+    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+
+    budget = backend.cfg.read_budget_s
+    deadline = time.monotonic() + budget
     # botocore retries the request, not the body download: a connection dropped mid-body is retried here.
     for attempt in range(1, backend.cfg.max_attempts + 1):
-        response = _s3_call("read", uri, backend, lambda: backend.client.get_object(Bucket=bucket, Key=key))
+        response = _s3_call("read", uri, backend, lambda: backend.client.get_object(**request))
+        body = response["Body"]
+        declared = response.get("ContentLength")
         try:
-            return response["Body"].read()
-        except ResponseStreamingError as exc:
-            if attempt == backend.cfg.max_attempts:
+            if declared is not None and declared > limit and not cut:
+                raise _too_large(uri, f"{int(declared):,} bytes", limit)
+            return _read_body(body, uri, limit, declared, deadline, budget, cut=cut), response
+        except (ResponseStreamingError, IncompleteReadError) as exc:
+            if attempt == backend.cfg.max_attempts or time.monotonic() > deadline:
                 raise _s3_error(exc, "read", uri, backend) from exc
             log.warning("reading %s was interrupted (%s); retrying", uri, type(exc).__name__)
             time.sleep(0.1 * 2**attempt)
+        finally:
+            body.close()  # after a complete read the connection is back in the pool already; else it is dropped
     raise AssertionError("unreachable")
+
+
+def _read_body(
+    body: Any, uri: str, limit: int, declared: int | None, deadline: float, budget: float, *, cut: bool
+) -> bytes:
+    """Read a streaming body chunk by chunk, checking the size limit and the deadline between chunks.
+
+    Each chunk is what one socket read delivers (urllib3's ``read1``), so a server that drips a byte at a time is
+    noticed at the deadline instead of holding a read that waits for a whole buffer; a silent one is cut by the
+    client's read timeout.
+    """
+    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError, ReadTimeoutError
+
+    raw = getattr(body, "_raw_stream", None)
+    read1 = getattr(raw, "read1", None) or body.read
+
+    def read(n: int) -> bytes:
+        try:
+            return read1(n)
+        except (ProtocolError, ReadTimeoutError) as exc:  # a dropped or stalled connection: retried by the caller
+            raise ResponseStreamingError(error=exc) from exc
+
+    def in_time(done: int) -> None:
+        if time.monotonic() > deadline:
+            raise StorageError(
+                f"cannot read {uri}: not finished within {budget:g} s after {done:,} bytes (the read_budget_s "
+                "limit); the server sends too slowly"
+            )
+
+    data = _collect(read, READ_CHUNK, limit, uri, cut=cut, before_each=in_time)
+    if not cut and declared is not None and len(data) != declared:
+        raise IncompleteReadError(actual_bytes=len(data), expected_bytes=declared)
+    return data
 
 
 def write_bytes(
@@ -404,7 +674,7 @@ def write_bytes(
         else:
             _multipart_upload(backend, uri, bucket, key, data)
         return
-    path = _local_path(uri)
+    path = local_path(uri)
     if os.fspath(uri).endswith("/"):
         raise StorageError(f"cannot write {os.fspath(uri)}: the path ends with '/'")
     tmp = None
@@ -462,7 +732,7 @@ def _multipart_upload(backend: _Backend, uri: str, bucket: str, key: str, data: 
 def exists(uri: str | os.PathLike[str], cfg: StorageConfig | None = None) -> bool:
     """True if the file/object exists, or if the URI is a folder / a prefix holding at least one object."""
     if not is_s3(uri):
-        return _local_path(uri).exists()
+        return local_path(uri).exists()
     bucket, key = split_s3(uri)
     backend = _backend(cfg)
     try:
@@ -490,7 +760,7 @@ def delete(uri: str | os.PathLike[str], cfg: StorageConfig | None = None) -> Non
         backend = _backend(cfg)
         _s3_call("delete", uri, backend, lambda: backend.client.delete_object(Bucket=bucket, Key=key))
         return
-    path = _local_path(uri)
+    path = local_path(uri)
     if path.is_dir():
         raise StorageError(f"cannot delete {os.fspath(uri)}: it is a directory (delete removes single files)")
     try:
@@ -507,7 +777,7 @@ def stat_size(uri: str | os.PathLike[str], cfg: StorageConfig | None = None) -> 
         head = _s3_call("stat", uri, backend, lambda: backend.client.head_object(Bucket=bucket, Key=key))
         return int(head["ContentLength"])
     try:
-        return _local_path(uri).stat().st_size
+        return local_path(uri).stat().st_size
     except OSError as exc:
         raise _local_error(exc, "stat", uri) from exc
 
@@ -524,22 +794,27 @@ def list_files(
     ``suffixes`` keeps names ending with any of them, case-insensitively (``(".png", ".jpg")``). A URI naming a single
     file or object lists just that one. A missing local folder or bucket is a :class:`NotFoundError`; an empty or
     missing prefix inside an existing bucket lists nothing. ``page_size`` is the S3 listing page (at most 1000).
+
+    Locally, every entry that is not a folder walked into is listed: special files (FIFOs, sockets, devices) and
+    symbolic links to folders (never followed, so a link loop cannot trap the walk) too, so that a reader fails on
+    each of them by name instead of it vanishing from the listing.
     """
     keep = _suffix_filter(suffixes)
     if is_s3(uri):
         return sorted(_list_s3(uri, cfg, keep, page_size))
     text = os.fspath(uri)
-    root = _local_path(text)
-    if root.is_file():
-        return [text] if keep(root.name) else []
+    root = local_path(text)
     if not root.is_dir():
-        raise NotFoundError(f"{text}: no such directory")
+        if os.path.lexists(root):  # a file, a special file or a broken link: listed, to fail by name when read
+            return [text] if keep(root.name) else []
+        raise NotFoundError(f"{text}: no such file or directory")
     base = text.rstrip("/") or "/"
     out = []
     try:
-        for dirpath, _dirs, files in os.walk(root, onerror=_raise):
+        for dirpath, dirs, files in os.walk(root, onerror=_raise):
             rel_dir = os.path.relpath(dirpath, root)
-            for name in files:
+            linked = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+            for name in (*files, *linked):
                 if name.endswith(TMP_SUFFIX) or not keep(name):
                     continue
                 rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")

@@ -498,7 +498,7 @@ def _storage_for_run(cfg: ExperimentConfig) -> tuple[str, Any]:
     if storage.is_s3(path):
         fs, fs_path = storage.resolve_pyarrow(path, cfg.storage)
         return fs_path, fs
-    local = Path(path).expanduser().resolve()
+    local = storage.local_path(path).resolve()  # a plain path or a file:// URI (config validation refused others)
     local.mkdir(parents=True, exist_ok=True)
     return str(local), None
 
@@ -508,7 +508,7 @@ def _has_checkpoints(cfg: ExperimentConfig) -> bool:
     from edsr_ray import storage
 
     base = cfg.run.storage_path
-    run_dir = storage.join(base, cfg.run.name) if storage.is_s3(base) else str(Path(base).expanduser() / cfg.run.name)
+    run_dir = storage.join(base, cfg.run.name) if storage.is_s3(base) else str(storage.local_path(base) / cfg.run.name)
     try:
         return any(uri.endswith("/" + TRAIN_STATE) for uri in storage.list_files(run_dir, cfg.storage))
     except storage.NotFoundError:

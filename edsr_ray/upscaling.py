@@ -27,32 +27,40 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from edsr_ray import storage
 from edsr_ray.config import InferenceConfig, StorageConfig, from_dict
-from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
+from edsr_ray.errors import ConfigError, EdsrRayError, LocationError, StorageError
 from edsr_ray.imaging import (
     FORMAT_EXTENSIONS,
+    IMAGE_SUFFIXES,
     MAX_PIXELS_DEFAULT,
+    SNIFF_BYTES,
     DecodedImage,
     decode_image,
     encode_image,
     format_from_name,
+    sniff,
 )
 
 logger = logging.getLogger(__name__)
 
-# Files a folder or prefix is searched for; list files may name other files too (each is tried, and fails clearly).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# A folder or prefix is searched for files with IMAGE_SUFFIXES, and for files without an extension whose first bytes
+# say they are an image (SNIFF_THREADS of those read at once); list files may name other files too (each is tried,
+# and fails clearly). Whatever else a folder holds is counted as ignored, with a few examples in the summary.
+SNIFF_THREADS = 16
+IGNORED_EXAMPLES = 5
 # An --input ending like this is a list of inputs, not an image: text (one path or URI a line) or Parquet.
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 PARQUET_SUFFIX = ".parquet"
 PARQUET_COLUMNS = ("path", "uri")
+# Memory one list-file entry costs beyond its characters (Python strings, list slots): a list file is bounded by what
+# its entries take in memory, characters plus this per entry, since a short file can name a great many of them.
+LIST_ENTRY_BYTES = 100
 # Formats outputs are written in; "same" keeps an input's format when it is one of these (by extension).
 OUTPUT_FORMATS = ("same", "png", "jpeg", "webp")
 WRITTEN_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -148,22 +156,35 @@ class Task:
 # Inputs and names
 
 
-def absolute(uri: str) -> str:
-    """``uri`` with a local path made absolute (Ray workers run in another working directory); S3 URIs as given."""
-    if storage.is_s3(uri):
+def absolute(uri: str, *, what: str = "") -> str:
+    """``uri`` with a local path made absolute (Ray workers run in another working directory); S3 URIs as given.
+
+    Any other scheme (``gs://``, ``S3://``, ``gs:bucket``) is a :class:`~edsr_ray.errors.LocationError` that starts
+    with ``what`` (e.g. ``--output``), never a local folder named after it.
+    """
+    if storage.location_kind(uri, storage.DATA_LOCATIONS, what=what) == storage.S3:
         return uri
-    text = os.fspath(uri)
-    if text.startswith(storage.FILE_PREFIX):
-        text = unquote(urlsplit(text).path)
-    return os.path.abspath(os.path.expanduser(text))
+    return os.path.abspath(storage.local_path(uri))
 
 
-def output_key(key: str, fmt: str) -> str:
-    """The output's relative key: the input's, with the extension of ``fmt`` ("same" keeps it, or makes it .png)."""
+def has_extension(key: str) -> bool:
+    """Whether a key's file name has an extension (a leading dot, as in ``.profile``, does not make one)."""
+    return "." in PurePosixPath(key).name.lstrip(".")
+
+
+def output_key(key: str, fmt: str, detected: str | None = None) -> str:
+    """The output's relative key: the input's, with the extension of ``fmt`` ("same" keeps it, or makes it .png).
+
+    ``detected`` is the format an input without an extension was recognised as ("jpeg"): with "same" its output
+    gets that format's extension when it is written, else .png; a name without an extension only gains one.
+    """
     path = PurePosixPath(key)
     if fmt == "same":
-        return key if path.suffix.lower() in WRITTEN_SUFFIXES else str(path.with_suffix(".png"))
-    return str(path.with_suffix(FORMAT_EXTENSIONS[fmt]))
+        if path.suffix.lower() in WRITTEN_SUFFIXES:
+            return key
+        fmt = detected if detected in FORMAT_EXTENSIONS else "png"
+    extension = FORMAT_EXTENSIONS[fmt]
+    return f"{key}{extension}" if not has_extension(key) else str(path.with_suffix(extension))
 
 
 def is_list_file(uri: str) -> bool:
@@ -175,33 +196,45 @@ def read_list_file(uri: str, cfg: StorageConfig | None = None) -> list[str]:
     """The inputs a list file names, as absolute paths or URIs, in order, without duplicates.
 
     Text: one path or URI a line; blank lines and lines starting with ``#`` are ignored. Parquet: the ``path`` or
-    ``uri`` column. Relative entries are relative to the list file's folder (or S3 prefix).
+    ``uri`` column. Relative entries are relative to the list file's folder (or S3 prefix). An entry in a scheme other
+    than a local path, ``file://`` or ``s3://`` is a :class:`~edsr_ray.errors.LocationError` naming its line (row).
+    The list file is read whole, so its size is bounded like any read (``max_read_bytes``), and so is the memory its
+    entries take once decoded (characters plus :data:`LIST_ENTRY_BYTES` each): a few kilobytes of Parquet can repeat
+    one long entry a million times.
     """
     data = storage.read_bytes(uri, cfg)
+    limit = (cfg or StorageConfig()).max_read_bytes
     if uri.lower().endswith(PARQUET_SUFFIX):
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(io.BytesIO(data))
+            names = pq.ParquetFile(io.BytesIO(data)).schema_arrow.names
+            column = next((c for c in PARQUET_COLUMNS if c in names), None)
+            if column is None:
+                raise ConfigError(f"--input {uri}: a Parquet list needs a 'path' or 'uri' column; it has {names}")
+            # Dictionary-encoded, the column stays as small as the file while its decoded size is measured.
+            parquet = pq.ParquetFile(io.BytesIO(data), read_dictionary=[column])
+            values = _parquet_values(parquet, column, limit, uri)
         except (pa.ArrowException, OSError) as exc:
             raise ConfigError(f"--input {uri}: not a readable Parquet file: {exc}") from None
-        column = next((c for c in PARQUET_COLUMNS if c in table.column_names), None)
-        if column is None:
-            raise ConfigError(
-                f"--input {uri}: a Parquet list needs a 'path' or 'uri' column; it has {table.column_names}"
-            )
-        entries = [str(v).strip() for v in table.column(column).to_pylist() if v is not None and str(v).strip()]
+        entries = [(f"row {n}", str(v).strip()) for n, v in enumerate(values, 1) if v is not None and str(v).strip()]
     else:
+        if len(data) + LIST_ENTRY_BYTES * (data.count(b"\n") + 1) > limit:
+            raise _list_too_large(uri, limit)
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise ConfigError(f"--input {uri}: a list file must be UTF-8 text, one path or URI a line") from None
-        entries = [line.strip() for line in text.splitlines()]
-        entries = [e for e in entries if e and not e.startswith("#")]
+        entries = [(f"line {n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+        entries = [(where, e) for where, e in entries if e and not e.startswith("#")]
     base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else os.path.dirname(absolute(uri))
     resolved = []
-    for entry in entries:
-        if storage.is_s3(entry) or os.path.isabs(os.path.expanduser(entry)) or entry.startswith(storage.FILE_PREFIX):
+    for where, entry in entries:
+        try:
+            kind = storage.location_kind(entry, storage.DATA_LOCATIONS)
+        except LocationError as exc:
+            raise LocationError(f"--input {uri}, {where}: {exc}") from None
+        if kind == storage.S3 or os.path.isabs(os.path.expanduser(entry)) or entry.startswith(storage.FILE_PREFIX):
             resolved.append(absolute(entry))
         elif storage.is_s3(base):
             # Relative to the list file's prefix, resolved the way a shell would (``./a.png``, ``a/../b.png``).
@@ -213,6 +246,33 @@ def read_list_file(uri: str, cfg: StorageConfig | None = None) -> list[str]:
         else:
             resolved.append(os.path.normpath(os.path.join(base, entry)))
     return list(dict.fromkeys(resolved))
+
+
+def _parquet_values(parquet: Any, column: str, limit: int, uri: str) -> list[Any]:
+    """A Parquet list's entries, batch by batch, refused once they would decode to more than ``limit`` bytes: a
+    repeated value costs one dictionary entry in the file but a string per row in memory (a thousandfold, and more)."""
+    import pyarrow.compute as pc
+
+    values: list[Any] = []
+    decoded = 0
+    for batch in parquet.iter_batches(batch_size=4096, columns=[column]):
+        array = batch.column(0)
+        if pa.types.is_dictionary(array.type) and pa.types.is_string(array.type.value_type):
+            size = pc.sum(pc.take(pc.binary_length(array.dictionary), array.indices)).as_py() or 0
+        else:
+            size = array.nbytes
+        decoded += size + LIST_ENTRY_BYTES * len(array)
+        if decoded > limit:
+            raise _list_too_large(uri, limit)
+        values += array.to_pylist()
+    return values
+
+
+def _list_too_large(uri: str, limit: int) -> ConfigError:
+    return ConfigError(
+        f"--input {uri}: the list's entries take more than the {limit:,} bytes one read may take (the max_read_bytes "
+        f"limit, counting {LIST_ENTRY_BYTES} bytes of memory per entry beyond its characters)"
+    )
 
 
 def _parts(uri: str) -> tuple[str, ...]:
@@ -242,14 +302,26 @@ def relative_keys(sources: Sequence[str]) -> list[str]:
     return ["/".join(x for x in p[len(common) :] if x not in ("s3://", "/")) for p in parts]
 
 
-def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = None) -> list[tuple[str, str]]:
-    """``(source, key)`` for every input: the images below a folder or prefix (recursively), the one file named, or
-    the entries of a list file. Files of a folder that lie inside the output location are left out (an output folder
-    inside the input folder must not become input); an input folder at or inside the output location is refused,
-    since outputs could then overwrite inputs. A list file's entries are all returned (see :func:`plan_tasks`)."""
+class Listing(NamedTuple):
+    """What an ``--input`` holds: the inputs, and the files of a folder or prefix left out, with why."""
+
+    inputs: list[tuple[str, str, str | None]]  # (source, key relative to the input, format sniffed from content)
+    ignored: list[tuple[str, str]]  # (source, why it is not an input)
+
+
+def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = None) -> Listing:
+    """Every input: the images below a folder or prefix (recursively), the one file named, or the entries of a list
+    file. Files of a folder that lie inside the output location are left out (an output folder inside the input folder
+    must not become input); an input folder at or inside the output location is refused, since outputs could then
+    overwrite inputs. A list file's entries are all returned (see :func:`plan_tasks`).
+
+    Below a folder or prefix, a file is an input when its extension is an image's (:data:`IMAGE_SUFFIXES`), or when it
+    has no extension and its first bytes are an image's (:func:`~edsr_ray.imaging.sniff`; one short ranged read per
+    such file, several at once); every other file is listed in ``ignored`` with the reason.
+    """
     if is_list_file(input_uri) and storage.exists(input_uri, cfg) and not _is_folder(input_uri, cfg):
         sources = read_list_file(input_uri, cfg)
-        return list(zip(sources, relative_keys(sources)))
+        return Listing([(s, k, None) for s, k in zip(sources, relative_keys(sources))], [])
     inside_output = _inside_of(output_uri)
     if inside_output(input_uri):
         raise ConfigError(
@@ -259,10 +331,43 @@ def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = Non
     files = storage.list_files(input_uri, cfg)
     base = input_uri.rstrip("/")
     if len(files) == 1 and files[0].rstrip("/") == base:
-        pairs = [(files[0], PurePosixPath(files[0]).name)]
-    else:
-        pairs = [(f, f[len(base) + 1 :]) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-    return [(s, k) for s, k in pairs if not inside_output(s)]
+        return Listing([(files[0], PurePosixPath(files[0]).name, None)], [])
+    inputs: list[tuple[str, str, str | None]] = []
+    ignored: list[tuple[str, str]] = []
+    unnamed: list[str] = []
+    for source in files:
+        if inside_output(source):
+            ignored.append((source, f"it lies inside the output location {output_uri}"))
+        elif source.lower().endswith(IMAGE_SUFFIXES):
+            inputs.append((source, source[len(base) + 1 :], None))
+        elif not has_extension(source):
+            unnamed.append(source)
+        else:
+            ignored.append((source, f".{source.rsplit('.', 1)[1]} is not an image extension"))
+    for source, found in zip(unnamed, _sniff_files(unnamed, cfg)):
+        if isinstance(found, storage.NotRegularFileError):  # a FIFO, a link to a folder, ...: nothing to sniff
+            ignored.append((source, f"no extension, and {str(found).removeprefix(source + ': ')}"))
+        elif isinstance(found, BaseException) or found.kind == "image":  # unreadable: fails as an input, by name
+            detected = None if isinstance(found, BaseException) else found.format
+            inputs.append((source, source[len(base) + 1 :], detected))
+        else:
+            ignored.append((source, f"no extension, and its content is not an image: {found.description}"))
+    return Listing(inputs, ignored)
+
+
+def _sniff_files(uris: Sequence[str], cfg: StorageConfig | None) -> list[Any]:
+    """:func:`~edsr_ray.imaging.sniff` of each file's first bytes, read several at once; the error where unreadable."""
+
+    def one(uri: str) -> Any:
+        try:
+            return sniff(*storage.read_head(uri, SNIFF_BYTES, cfg))
+        except ITEM_ERRORS as exc:
+            return exc
+
+    if not uris:
+        return []
+    with ThreadPoolExecutor(max_workers=min(SNIFF_THREADS, len(uris))) as pool:
+        return list(pool.map(one, uris))
 
 
 def _is_folder(uri: str, cfg: StorageConfig | None) -> bool:
@@ -284,18 +389,26 @@ def _is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def plan_tasks(
-    input_uri: str, output_uri: str, fmt: str = "same", cfg: StorageConfig | None = None
-) -> tuple[list[Task], list[tuple[Task, str]]]:
-    """Tasks for every input, in sorted order, plus the inputs that cannot be written, with the reason.
+class Plan(NamedTuple):
+    """The work of a run: tasks in sorted order, inputs that cannot be written (with why), files ignored (with why)."""
+
+    tasks: list[Task]
+    refused: list[tuple[Task, str]]
+    ignored: list[tuple[str, str]]
+
+
+def plan_tasks(input_uri: str, output_uri: str, fmt: str = "same", cfg: StorageConfig | None = None) -> Plan:
+    """Tasks for every input, in sorted order, plus the inputs that cannot be written and the files that are not
+    inputs, each with the reason.
 
     Two inputs that would write the same output (``a.jpg`` and ``a.png`` with ``--format png``) cannot both be
     written: the second is refused. (Outputs are always images, so they never collide with the run's reports.)
     """
     tasks, refused, seen = [], [], {}
     inside_output = _inside_of(output_uri)
-    for source, key in sorted(list_inputs(input_uri, output_uri, cfg), key=lambda p: p[1]):
-        out_key = output_key(key, fmt)
+    listing = list_inputs(input_uri, output_uri, cfg)
+    for source, key, detected in sorted(listing.inputs, key=lambda p: p[1]):
+        out_key = output_key(key, fmt, detected)
         try:
             dest = storage.join(output_uri, out_key)
         except StorageError as exc:
@@ -309,7 +422,7 @@ def plan_tasks(
         else:
             seen[dest] = source
             tasks.append(task)
-    return tasks, refused
+    return Plan(tasks, refused, sorted(listing.ignored))
 
 
 def existing_outputs(output_uri: str, cfg: StorageConfig | None = None) -> set[str]:

@@ -2,7 +2,8 @@
 
     python jobs/upscale.py --model SRC --input SRC --output DST [--scale N] [--tile N] [--self-ensemble]
         [--precision auto|fp32|bf16|fp16] [--format same|png|jpeg|webp] [--quality Q] [--png-compression fast|small]
-        [--gpus N] [--workers N] [--batch-size N] [--max-pixels N] [--allow-failures N] [--local] [-q]
+        [--gpus N] [--workers N] [--batch-size N] [--max-pixels N] [--max-read-bytes N] [--allow-failures N]
+        [--local] [-q]
 
     ray job submit --working-dir . -- python jobs/upscale.py --model models:/edsr_baseline_x4@best \\
         --input s3://photos/in/ --output s3://photos/x4/
@@ -24,7 +25,7 @@ import logging
 import sys
 
 from edsr_ray.batch import ComputeOptions, UpscaleInterrupted, run_upscale
-from edsr_ray.config import PRECISIONS, InferenceConfig, from_dict
+from edsr_ray.config import PRECISIONS, InferenceConfig, StorageConfig, from_dict
 from edsr_ray.errors import EdsrRayError
 from edsr_ray.imaging import MAX_PIXELS_DEFAULT
 from edsr_ray.upscaling import OUTPUT_FORMATS, PNG_COMPRESSION, OutputOptions
@@ -60,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="at most this many model actors (default: one per GPU, or CPUs-1)")
     p.add_argument("--batch-size", type=int, help="images per model call (default 16 on GPU, 4 on CPU)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS_DEFAULT, help="refuse larger inputs (pixels)")
+    p.add_argument(
+        "--max-read-bytes",
+        type=int,
+        help=f"refuse larger inputs, list files and weights files (default {StorageConfig.max_read_bytes:,} bytes)",
+    )
     p.add_argument("--allow-failures", type=int, default=0, metavar="N", help="exit 0 with up to N failed inputs")
     p.add_argument("--local", action="store_true", help="run in this process, without Ray")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only (no progress lines)")
@@ -88,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             fmt=args.format, quality=args.quality, png_compression=args.png_compression, max_pixels=args.max_pixels
         )
         compute = ComputeOptions(local=args.local, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size)
+        cfg = None
+        if args.max_read_bytes is not None:
+            cfg = from_dict(StorageConfig, {"max_read_bytes": args.max_read_bytes}, source="--max-read-bytes")
         summary = run_upscale(
             args.model,
             args.input,
@@ -97,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             options=options,
             compute=compute,
             allow_failures=args.allow_failures,
+            cfg=cfg,
         )
     except UpscaleInterrupted as exc:
         print(exc.summary.line(), flush=True)

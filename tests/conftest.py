@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import stat
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +84,77 @@ def sample_div2k(tmp_path_factory, photos):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[:h, :w]).save(folder / f"{image_id}.png")
     return root
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hostile inputs
+
+
+def _finishes(call, seconds: float = 30.0):
+    """Run ``call`` in a daemon thread; fail (rather than hang the suite) if it has not returned within ``seconds``."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # re-raised in the test's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+@pytest.fixture(scope="session")
+def finishes():
+    """``finishes(call, seconds=30)``: the call's result; a call that blocks fails the test instead of hanging it."""
+    return _finishes
+
+
+def _block_device() -> str | None:
+    with os.scandir("/dev") as entries:
+        return next((e.path for e in entries if stat.S_ISBLK(e.stat(follow_symlinks=False).st_mode)), None)
+
+
+def _make_special_files(folder: Path) -> dict[str, str]:
+    """Every kind of non-regular file in ``folder``, named like an image: file name -> words its failure must name."""
+    os.mkfifo(folder / "fifo.png")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(folder / "socket.png"))
+    (folder / "folder.png").mkdir()
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "null.jpg").symlink_to("/dev/null")
+    (folder / "to_fifo.jpg").symlink_to(folder / "fifo.png")
+    (folder / "to_folder.png").symlink_to(folder / "folder.png", target_is_directory=True)
+    (folder / "dangling.png").symlink_to(folder / "gone.png")
+    (folder / "loop_a.png").symlink_to(folder / "loop_b.png")
+    (folder / "loop_b.png").symlink_to(folder / "loop_a.png")
+    expected = {
+        "fifo.png": "not a regular file: a FIFO",
+        "socket.png": "not a regular file: a socket",
+        "folder.png": "not a regular file: a directory",
+        "zero.png": "not a regular file: a character device reached through a symbolic link",
+        "null.jpg": "not a regular file: a character device reached through a symbolic link",
+        "to_fifo.jpg": "not a regular file: a FIFO (named pipe) reached through a symbolic link",
+        "to_folder.png": "not a regular file: a directory reached through a symbolic link",
+        "dangling.png": "not a regular file: a dangling symbolic link",
+        "loop_a.png": "not a regular file: a loop of symbolic links",
+        "loop_b.png": "not a regular file: a loop of symbolic links",
+    }
+    device = _block_device()
+    if device is not None:  # containers often have none
+        (folder / "disk.png").symlink_to(device)
+        expected["disk.png"] = "not a regular file: a block device reached through a symbolic link"
+    return expected
+
+
+@pytest.fixture(scope="session")
+def special_files():
+    """``special_files(folder)``: FIFOs, a socket, devices, a folder and broken links named like images, made in
+    ``folder``; returns file name -> the words its failure reason must contain. ``folder.png`` is a real folder (a
+    folder walk enters it); every other name is listed by a walk."""
+    return _make_special_files

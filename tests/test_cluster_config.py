@@ -330,9 +330,13 @@ def test_missing_node_types_is_not_replaced_by_rays_examples(variant):
 # ------------------------------------------------------------------------------------------------ unreadable inputs
 
 
-def test_unreadable_files(tmp_path):
+def test_unreadable_files(tmp_path, finishes):
     missing = tmp_path / "missing.yaml"
     assert "cluster config file not found" in _error(missing)
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    assert "not a regular file: a FIFO" in finishes(lambda: _error(fifo), 20)
 
     broken = tmp_path / "broken.yaml"
     broken.write_text("cluster_name: a\nprovider: [unclosed\n")

@@ -73,6 +73,8 @@ def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
         ("train: 3\n", "train", "mapping"),
         ("storage:\n  endpoint_url: 127.0.0.1:8333\n", "storage.endpoint_url", "http://"),
         ("workers:\n  num_workers: 3\n", "train.batch_size", "divide evenly"),
+        ("storage:\n  max_read_bytes: 0\n", "storage.max_read_bytes", ">= 1"),
+        ("storage:\n  read_budget_s: 0\n", "storage.read_budget_s", "> 0"),
     ],
 )
 def test_bad_values_name_the_file_and_key(tmp_path, text, key, fragment):
@@ -123,3 +125,72 @@ def test_readme_configuration_reference_is_current():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert splice_reference(readme) == readme, "run: python -m edsr_ray.config --write README.md"
     assert "| `patch_size` | int | `48` |" in readme
+
+
+FOREIGN = ["gs://bucket/x", "S3://bucket/x", "s3a://bucket/x", "s3n://bucket/x", "ftp://host/x", "gs:bucket/x"]
+
+
+@pytest.mark.parametrize("key", ["data.root", "run.storage_path", "train.init_from"])
+@pytest.mark.parametrize("value", FOREIGN)
+def test_locations_in_foreign_schemes_name_the_file_and_key(tmp_path, key, value):
+    section, name = key.split(".")
+    p = tmp_path / "cfg.yaml"
+    p.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    message = str(info.value)
+    assert message.startswith(f"{p}: {key}: {value}: unsupported scheme "), message
+    assert "a local path" in message and "s3://bucket/key" in message
+    assert ("models:/" in message) == (key == "train.init_from")  # only weights may come from MLflow
+    # The same from a command-line override.
+    with pytest.raises(ConfigError, match=f"{key}: "):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_supported_locations_load():
+    cfg = load_config(
+        None, ["data.root=s3://b/div2k", "run.storage_path=file:///runs", "train.init_from=models:/edsr_x2/1"]
+    )
+    assert (cfg.data.root, cfg.run.storage_path, cfg.train.init_from) == (
+        "s3://b/div2k",
+        "file:///runs",
+        "models:/edsr_x2/1",
+    )
+    assert load_config(None, ["data.root=./gs:bucket"]).data.root == "./gs:bucket"  # a local folder with a colon
+
+
+def test_a_config_that_is_not_a_regular_file_fails_at_once(tmp_path, finishes):
+    import os
+
+    os.mkfifo(tmp_path / "cfg.yaml")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: not a regular file: a FIFO"):
+        finishes(lambda: load_config(tmp_path / "cfg.yaml"), 20)
+    (tmp_path / "big.yaml").write_bytes(b"#" * (2 << 20))
+    with pytest.raises(ConfigError, match=r"big\.yaml: 2,097,152 bytes is more than the 1,048,576 bytes"):
+        load_config(tmp_path / "big.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("model: {arch: \xe9dsr}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: config file is not UTF-8 text"):
+        load_config(tmp_path / "latin1.yaml")
+
+
+def _train_job():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_job", Path(__file__).parents[1] / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+@pytest.mark.parametrize("key", ["data.root", "run.storage_path", "train.init_from"])
+def test_train_job_exits_2_on_foreign_schemes_before_anything_is_created(key, tmp_path, capsys, monkeypatch):
+    import os
+
+    job = _train_job()
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[1] / "configs" / "edsr_baseline_x2.yaml"
+    for value in FOREIGN:
+        assert job.main(["--config", str(config), f"{key}={value}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {config}: {key}: {value}: unsupported scheme ") and "\n" not in err, err
+        assert os.listdir(tmp_path) == [], "nothing may be created for a refused location"

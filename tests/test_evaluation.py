@@ -471,10 +471,15 @@ def test_manifest_mismatch_and_missing_partner_are_reported_before_running(s3_ro
     assert message.startswith("2 problem(s)")
 
 
-def test_unknown_set_and_bad_model_are_one_line_errors(local_root, tmp_path, capsys):
+def _evaluate_job():
     spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    return job
+
+
+def test_unknown_set_and_bad_model_are_one_line_errors(local_root, tmp_path, capsys):
+    job = _evaluate_job()
     out = str(tmp_path / "out")
     base = ["--dataset", local_root, "--output", out, "--local"]
     assert job.main(["--model", "bicubic", "--sets", "Set99", *base]) == 2
@@ -546,3 +551,39 @@ def test_cli_end_to_end_on_the_ray_cluster(ray_cluster, report, s3_root, model_f
     assert line in proc.stdout
     assert line in (out / "results.md").read_text()
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 2 * len(SET_A)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hostile inputs
+
+
+@pytest.mark.parametrize("use_ray", [False, True], ids=["local", "ray"])
+def test_special_files_among_the_images_fail_by_name_and_the_run_finishes(
+    request, use_ray, hr_only, tmp_path, special_files, finishes
+):
+    if use_ray:
+        request.getfixturevalue("ray_cluster")
+    folder = tmp_path / "photos"
+    shutil.copytree(hr_only, folder)
+    expected = special_files(folder)
+    expected.pop("folder.png")  # a real folder: walked into (it is empty)
+    options = EvaluationOptions(("bicubic",), (str(folder),), str(tmp_path / "out"), scales=(2,), use_ray=use_ray)
+    rep = finishes(lambda: evaluate(options), 300)
+    assert rep.exit_code == 1 and len(rep.results) == len(HR_ONLY)
+    failures = {f.image: f.error for f in rep.failures}
+    assert set(failures) == {Path(name).stem for name in expected}
+    for name, words in expected.items():
+        assert f"{folder / name}: {words}" in failures[Path(name).stem], failures[Path(name).stem]
+
+
+@pytest.mark.parametrize("flag", ["--dataset", "--output", "--model"])
+def test_foreign_schemes_exit_2_before_anything_is_created(flag, local_root, tmp_path, capsys, monkeypatch):
+    job = _evaluate_job()
+    monkeypatch.chdir(tmp_path)
+    for value in ("gs://bucket/x", "S3://bucket/x", "s3n://bucket/x", "https://host/x", "gs:bucket/x", "s3:bucket"):
+        args = {"--model": "bicubic", "--dataset": local_root, "--output": str(tmp_path / "out"), flag: value}
+        assert job.main([*(x for pair in args.items() for x in pair), "--local"]) == 2, value
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag} {value}: unsupported scheme ") and "\n" not in err, err
+        assert "a local path" in err and "s3://bucket/key" in err and ("models:/" in err) == (flag == "--model")
+        assert os.listdir(tmp_path) == [], "nothing may be created for a refused location"

@@ -18,6 +18,7 @@ from edsr_ray.errors import ImageError, ImageTooLargeError
 from edsr_ray.imaging import (
     FORMAT_EXTENSIONS,
     MAX_PIXELS_DEFAULT,
+    SNIFF_BYTES,
     DecodedImage,
     content_type,
     decode_image,
@@ -27,6 +28,7 @@ from edsr_ray.imaging import (
     normalize_format,
     probe_image,
     rgb_to_y,
+    sniff,
 )
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -434,6 +436,113 @@ def test_empty_and_non_image_bytes():
         decode_image(b"hello, this is plain text and not an image", name="notes.txt")
     with pytest.raises(TypeError):
         decode_image("coffee.png")
+
+
+def _iso_box(kind: bytes, payload: bytes) -> bytes:
+    """An ISO base media file box (MP4, MOV, AVIF, HEIF): 32-bit size, 4-byte type, payload."""
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
+def _ftyp(brand: bytes, *compatible: bytes) -> bytes:
+    return _iso_box(b"ftyp", brand + struct.pack(">I", 0) + b"".join(compatible)) + _iso_box(b"mdat", b"\0" * 64)
+
+
+def _ebml(doctype: bytes) -> bytes:
+    """A Matroska / WebM EBML header: the magic element, a one-byte size, then the DocType element."""
+    doc = b"\x42\x82" + bytes([0x80 | len(doctype)]) + doctype
+    return b"\x1a\x45\xdf\xa3" + bytes([0x80 | len(doc)]) + doc + b"\x18\x53\x80\x67" + b"\0" * 32
+
+
+def _riff(form: bytes) -> bytes:
+    return b"RIFF" + struct.pack("<I", 4 + 64) + form + b"\0" * 64
+
+
+def _pillow(fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(samples.photos()["coffee"][:32, :48]).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _archive(kind: str) -> bytes:
+    import gzip
+    import tarfile
+    import zipfile
+
+    buf = io.BytesIO()
+    if kind == "zip":
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("a.txt", "inside")
+        return buf.getvalue()
+    if kind == "tar":
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            info = tarfile.TarInfo("a.txt")
+            info.size = 6
+            t.addfile(info, io.BytesIO(b"inside"))
+        return buf.getvalue()
+    return gzip.compress(b"inside")
+
+
+SNIFF_CASES = {
+    # Images written by Pillow, so the signatures are checked against a real encoder.
+    "png": (_pillow("PNG"), "image", "png", "a PNG image"),
+    "jpeg": (_pillow("JPEG"), "image", "jpeg", "a JPEG image"),
+    "webp": (_pillow("WEBP"), "image", "webp", "a WebP image"),
+    "gif": (_pillow("GIF"), "image", "gif", "a GIF image"),
+    "bmp": (_pillow("BMP"), "image", "bmp", "a BMP image"),
+    "tiff": (_pillow("TIFF"), "image", "tiff", "a TIFF image"),
+    "ppm": (_pillow("PPM"), "image", "pnm", "a Netpbm image"),
+    "avif": (_ftyp(b"avif", b"mif1"), "image", "avif", "an AVIF image"),
+    "heic": (_ftyp(b"heic", b"mif1"), "image", "heic", "a HEIF image"),
+    # Videos, from their container headers as the specifications define them.
+    "mp4": (_ftyp(b"isom", b"iso2", b"avc1", b"mp41"), "video", "mp4", "an MP4 video"),
+    "mov": (_ftyp(b"qt  "), "video", "mov", "a QuickTime video"),
+    "webm": (_ebml(b"webm"), "video", "webm", "a WebM video"),
+    "mkv": (_ebml(b"matroska"), "video", "mkv", "a Matroska video"),
+    "avi": (_riff(b"AVI "), "video", "avi", "an AVI video"),
+    "ts": (bytes([0x47] + [0] * 187) * 4, "video", "ts", "an MPEG transport stream"),
+    # Other things found in photo folders.
+    "pdf": (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "other", None, "a PDF document"),
+    "zip": (_archive("zip"), "other", None, "a ZIP archive"),
+    "tar": (_archive("tar"), "other", None, "a tar archive"),
+    "gzip": (_archive("gzip"), "other", None, "a gzip archive"),
+    "wav": (_riff(b"WAVE"), "other", None, "a WAV audio file"),
+    "svg": (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "other", None, "an SVG drawing"),
+    "html": (b"  <!DOCTYPE html><html><body>secret</body></html>", "other", None, "an HTML page"),
+    "text": ("password: hunter2\nnaïve café\n".encode(), "other", None, "31 bytes of UTF-8 text"),
+    "binary": (bytes(range(256)) * 3, "other", None, "768 bytes of binary data"),
+    "empty": (b"", "other", None, "an empty file"),
+}
+
+
+@pytest.mark.parametrize("case", list(SNIFF_CASES))
+def test_sniff_names_the_type_of_content(case):
+    data, kind, fmt, description = SNIFF_CASES[case]
+    found = sniff(data)
+    assert (found.kind, found.format, found.description) == (kind, fmt, description)
+    assert sniff(data[:SNIFF_BYTES], len(data)) == found  # the first bytes are enough
+    if fmt in FORMAT_EXTENSIONS:
+        assert found.extension == FORMAT_EXTENSIONS[fmt]
+
+
+def test_sniff_reports_the_whole_size_and_allows_a_character_cut_by_the_head():
+    text = "é" * 1000  # two bytes each: a head of SNIFF_BYTES + 1 bytes ends in the middle of one
+    head = text.encode()[: SNIFF_BYTES + 1]
+    assert sniff(head, 2000).description == "2000 bytes of UTF-8 text"
+    assert sniff(b"caf\xc3", 4).kind == "other" and "UTF-8 text" in sniff(b"caf\xc3", 4).description
+    assert "binary data" in sniff(b"caf\xc3 and then more", 20).description  # not cut by the end: invalid
+
+
+@pytest.mark.parametrize("case", ["pdf", "zip", "tar", "gzip", "mp4", "webm", "avi", "wav", "svg", "html", "text"])
+def test_decode_failures_name_the_type_never_the_content(case):
+    data, kind, _, description = SNIFF_CASES[case]
+    with pytest.raises(ImageError) as info:
+        decode_image(data, name="input.png")
+    message = str(info.value)
+    words = "not a recognised image format" if kind != "image" else "a format this decoder does not read"
+    assert message == f"input.png: {words}: {description}" or message == f"input.png: {description}, {words}"
+    assert data[:8].hex(" ") not in message and data[:8].hex() not in message
+    for secret in (b"hunter2", b"secret", b"inside"):
+        assert secret.decode() not in message
 
 
 def test_truncated_and_corrupt_png():

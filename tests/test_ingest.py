@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -298,3 +299,40 @@ def test_job_usage_errors_exit_2(tmp_path, capsys):
     assert "no such folder or file" in capsys.readouterr().err
     assert _run_job(["--source", str(tmp_path), "--dest", "x", "--endpoint-url", "ftp://host"]) == 2
     assert "endpoint_url" in capsys.readouterr().err
+
+
+def test_special_files_in_a_source_are_reported_and_the_run_finishes(
+    sample_div2k, ray_local, tmp_path, capsys, special_files, finishes
+):
+    src = tmp_path / "DIV2K"
+    shutil.copytree(sample_div2k, src)
+    expected = special_files(src / "DIV2K_train_HR")
+    expected.pop("folder.png")  # a real folder: walked into (it is empty)
+    root = "s3://edsr/ingest-tests/special"
+    argv = ["--source", str(src), "--dest", root, "--scales", "2", "--no-progress"]
+    assert finishes(lambda: _run_job(argv), 300) == 1
+    out = capsys.readouterr().out
+    assert f"{len(expected)} failed" in out
+    for name, words in expected.items():
+        assert f"{src / 'DIV2K_train_HR' / name}: {words}" in out, name
+    assert len(read_manifest(root)) == len(TRAIN) + len(VALID)  # the real images are all in
+
+    os.mkfifo(tmp_path / "DIV2K_train_HR.zip")  # a FIFO named like an archive: refused before the zip reader opens it
+    assert finishes(lambda: _run_job(["--source", str(tmp_path / "DIV2K_train_HR.zip"), "--dest", root]), 60) == 2
+    err = capsys.readouterr().err
+    assert "DIV2K_train_HR.zip: not a regular file: a FIFO" in err and err.startswith("error: --source")
+
+
+@pytest.mark.parametrize("flag", ["--source", "--dest"])
+def test_foreign_schemes_exit_2_before_anything_is_created(flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir()
+    for value in ("gs://bucket/x", "S3://bucket/x", "s3a://bucket/x", "ftp://host/x", "gs:bucket/x", "s3:bucket"):
+        args = {"--source": str(tmp_path / "src"), "--dest": str(tmp_path / "out"), flag: value}
+        assert _run_job([x for pair in args.items() for x in pair]) == 2, value
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag} {value}: unsupported scheme ") and "\n" not in err, err
+        assert "a local path" in err and ("s3://bucket/key" in err) == (flag == "--dest"), err
+        assert sorted(os.listdir(tmp_path)) == ["src"], "nothing may be created for a refused location"
+    assert _run_job(["--source", "s3://bucket/photos", "--dest", str(tmp_path / "out")]) == 2
+    assert "--source s3://bucket/photos: s3://bucket/key is not supported here" in capsys.readouterr().err

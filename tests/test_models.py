@@ -7,6 +7,7 @@ the model under test, and model outputs are compared with a plain functional PyT
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from torch import nn
 
 from edsr_ray import models
 from edsr_ray.config import ModelConfig
-from edsr_ray.errors import ModelLoadError
+from edsr_ray.errors import LocationError, ModelLoadError
 
 MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K RGB mean from the paper's code
 TINY_R, TINY_F = 2, 8
@@ -495,9 +496,13 @@ def _write(tmp_path, name: str, content) -> str:
     "name, content, pattern",
     [
         ("empty.pt", b"", r"the file is empty \(0 bytes\)"),
-        ("noise.pt", random.Random(0).randbytes(4096), r"not a PyTorch weights file"),
-        ("notes.pt", b"these are not weights\n", r"not a PyTorch weights file"),
-        ("plain-pickle.pt", b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94.", r"not a PyTorch weights file"),
+        ("noise.pt", random.Random(0).randbytes(4096), r"not a PyTorch weights file \(4096 bytes of binary data\)"),
+        ("notes.pt", b"these are not weights\n", r"not a PyTorch weights file \(22 bytes of UTF-8 text\)"),
+        (
+            "plain-pickle.pt",
+            b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94.",
+            r"not a PyTorch weights file \(a Python pickle\)",
+        ),
         ("tensor.pt", torch.zeros(3), r"expected a state dict .* found a Tensor"),
         ("other-format.pt", {"format": "someone-else/v9", "state_dict": {}}, r"unknown checkpoint format"),
         (
@@ -513,6 +518,30 @@ def test_bad_files_are_clear_errors(tmp_path, name, content, pattern):
     with pytest.raises(ModelLoadError, match=pattern) as err:
         models.load_model(path)
     assert path in str(err.value)
+    if isinstance(content, bytes) and content:  # the message names the type, never quotes the file
+        assert repr(content[:8])[2:-1] not in str(err.value) and content[:8].hex() not in str(err.value)
+
+
+def test_special_files_and_foreign_schemes_fail_clearly_without_blocking(tmp_path, finishes):
+    os.mkfifo(tmp_path / "model.pt")
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    (tmp_path / "ckpt").mkdir()
+    os.mkfifo(tmp_path / "ckpt" / "model.pt")  # a checkpoint folder whose model.pt is a FIFO
+    cases = {
+        tmp_path / "model.pt": (ModelLoadError, "not a regular file: a FIFO"),
+        tmp_path / "zero.pt": (ModelLoadError, "not a regular file: a character device reached through a symbolic"),
+        tmp_path / "ckpt": (ModelLoadError, "not a regular file: a FIFO"),
+        "gs://bucket/model.pt": (LocationError, "unsupported scheme 'gs://'"),
+        "S3://bucket/model.pt": (LocationError, "did you mean s3://?"),
+        "http://host/model.pt": (LocationError, "unsupported scheme 'http://'"),
+        "gs:bucket/model.pt": (LocationError, "./gs:bucket/model.pt"),
+    }
+    for source, (error, words) in cases.items():
+        with pytest.raises(error) as info:
+            finishes(lambda s=source: models.load_model(s), 20)
+        assert words in str(info.value) and str(source).split("://")[-1] in str(info.value), info.value
+        if isinstance(source, str):  # the supported kinds are named
+            assert "s3://bucket/key" in str(info.value) and "models:/" in str(info.value)
 
 
 def test_missing_file_and_empty_directory(tmp_path):

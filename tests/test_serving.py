@@ -72,6 +72,11 @@ def test_settings_from_dotted_args_as_serve_run_passes_them():
         ({"models.x2": "/a.pt", "storage.endpoint_url": "minio:9000"}, "storage.endpoint_url"),
         ({"models.bad name": "/a.pt"}, "models.bad name"),
         ({"models.x2": ""}, "models.x2"),
+        ({"models.x2": "gs://bucket/x2.pt"}, "models.x2"),
+        ({"models.x2": "S3://bucket/x2.pt"}, "models.x2"),
+        ({"models.x2": "https://host/x2.pt"}, "models.x2"),
+        ({"models.x2": "gs:bucket/x2.pt"}, "models.x2"),
+        ({"models.x2": "/a.pt", "storage.max_read_bytes": "0"}, "storage.max_read_bytes"),
         ({}, "models"),
     ],
 )
@@ -80,6 +85,24 @@ def test_bad_settings_name_the_key(args, key):
         settings_from_args(args, environ={})
     assert f"{key}:" in str(info.value)
     assert str(info.value).startswith("application args:")
+
+
+def test_model_sources_in_foreign_schemes_name_the_supported_ones():
+    with pytest.raises(ConfigError) as info:
+        settings_from_args({"models.x2": "S3://bucket/x2.pt"}, environ={})
+    message = str(info.value)
+    assert message.startswith("application args: models.x2: S3://bucket/x2.pt: unsupported scheme 'S3://'")
+    assert "did you mean s3://?" in message and "models:/" in message and "a local path" in message
+    s = settings_from_args(
+        {"models.a": "models:/edsr/1", "models.b": "runs:/abc/model", "models.c": "./x:y.pt"}, environ={}
+    )
+    assert s.models == {"a": "models:/edsr/1", "b": "runs:/abc/model", "c": "./x:y.pt"}
+
+
+def test_a_settings_file_that_is_not_a_regular_file_fails_at_once(tmp_path, finishes):
+    os.mkfifo(tmp_path / "serve.yaml")
+    with pytest.raises(ConfigError, match=r"serve\.yaml: not a regular file: a FIFO"):
+        finishes(lambda: settings_from_args({"config": str(tmp_path / "serve.yaml")}, environ={}), 20)
 
 
 def test_settings_file_from_arg_or_environment_with_args_on_top(tmp_path):

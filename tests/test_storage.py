@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import socket
 import stat
 import threading
@@ -18,7 +19,7 @@ import pytest
 
 from edsr_ray import storage
 from edsr_ray.config import StorageConfig
-from edsr_ray.errors import StorageError
+from edsr_ray.errors import LocationError, StorageError
 from edsr_ray.storage import NotFoundError
 
 
@@ -51,7 +52,7 @@ def test_uri_helpers():
         storage.join("s3://b/root", "../other")
     with pytest.raises(StorageError, match="s3:///key"):
         storage.split_s3("s3:///key")
-    with pytest.raises(StorageError, match="unsupported scheme 'gs'"):
+    with pytest.raises(LocationError, match="unsupported scheme 'gs://'"):
         storage.read_bytes("gs://bucket/key")
     with pytest.raises(StorageError, match="invalid bucket name 'Bad_Name'"):
         storage.check_bucket_name("Bad_Name")
@@ -346,3 +347,182 @@ def test_forked_processes_build_their_own_client(prefix):
     proc.join(30)
     assert proc.exitcode == 0 and data == b"fork"
     assert child_id != id(parent)  # the parent's client, copied by fork, stays alive there: a new one was built
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hostile inputs: special files, foreign schemes, oversized and slow reads
+
+
+def test_special_files_fail_by_name_at_once_and_are_listed(tmp_path, special_files, finishes):
+    expected = special_files(tmp_path)
+    (tmp_path / "real.png").write_bytes(b"a regular file")
+    for name, words in expected.items():
+        uri = str(tmp_path / name)
+        for call in (lambda u=uri: storage.read_bytes(u), lambda u=uri: storage.read_head(u, 16)):
+            with pytest.raises(storage.NotRegularFileError) as info:
+                finishes(call)
+            assert str(info.value).startswith(f"{uri}: not a regular file: ") and words in str(info.value), name
+        with pytest.raises(storage.NotRegularFileError, match=re.escape(words)):
+            storage.check_regular_file(f"file://{uri}")
+    # Listed like files (a link to a folder is not followed), so that every reader reports them instead of skipping.
+    listed = {Path(u).name for u in finishes(lambda: storage.list_files(str(tmp_path)))}
+    assert listed == (set(expected) - {"folder.png"}) | {"real.png"}
+    assert storage.list_files(str(tmp_path / "fifo.png")) == [str(tmp_path / "fifo.png")]
+    assert storage.read_bytes(str(tmp_path / "real.png")) == b"a regular file"
+
+
+def test_local_reads_are_bounded_in_bytes(tmp_path):
+    path = tmp_path / "big.bin"
+    path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes
+    assert storage.read_bytes(str(path), max_bytes=10_240) == path.read_bytes()
+    with pytest.raises(StorageError, match=r"big\.bin: 10,240 bytes is more than the 10,239 bytes one read may take"):
+        storage.read_bytes(str(path), max_bytes=10_239)
+    # The setting is the default limit.
+    with pytest.raises(StorageError, match="the max_read_bytes limit"):
+        storage.read_bytes(str(path), StorageConfig(max_read_bytes=100))
+    # A file whose size stat() does not know (/proc) is still cut at the limit while it is read.
+    with pytest.raises(StorageError, match="more than 64 bytes"):
+        storage.read_bytes("/proc/self/status", max_bytes=64)
+    assert b"Name:" in storage.read_bytes("/proc/self/status")
+    assert storage.read_head(str(path), 5) == (bytes(range(5)), 10_240)
+    assert storage.read_head(str(path), 1 << 20) == (path.read_bytes(), 10_240)
+
+
+def test_s3_reads_are_bounded_in_bytes(prefix):
+    data = bytes(range(256)) * 20  # 5,120 bytes
+    storage.write_bytes(f"{prefix}/obj.bin", data)
+    storage.write_bytes(f"{prefix}/empty", b"")
+    assert storage.read_bytes(f"{prefix}/obj.bin", max_bytes=5120) == data
+    with pytest.raises(StorageError, match=r"obj\.bin: 5,120 bytes is more than the 5,119 bytes one read may take"):
+        storage.read_bytes(f"{prefix}/obj.bin", max_bytes=5119)
+    with pytest.raises(StorageError, match="the max_read_bytes limit"):
+        storage.read_bytes(f"{prefix}/obj.bin", StorageConfig(max_read_bytes=1000))
+    assert storage.read_head(f"{prefix}/obj.bin", 16) == (data[:16], 5120)
+    assert storage.read_head(f"{prefix}/obj.bin", 1 << 20) == (data, 5120)
+    assert storage.read_head(f"{prefix}/empty", 16) == (b"", 0)
+
+
+class HostileS3:
+    """A loopback HTTP server answering every GET the way an S3 endpoint should not: a body that never ends (chunked,
+    no length), or one dripped a byte at a time. The embedded S3 server cannot be made to misbehave, and these are
+    the cases the bounds exist for."""
+
+    def __init__(self, mode: str, drip_s: float = 0.05):
+        self.mode, self.drip_s = mode, drip_s
+        self.sent = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                if self.mode == "endless":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    chunk = b"%x\r\n%s\r\n" % (65536, b"\0" * 65536)
+                    while not self.stop.is_set():
+                        conn.sendall(chunk)
+                        self.sent += 65536
+                else:  # drip
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+                    while not self.stop.is_set():
+                        conn.sendall(b"\0")
+                        self.sent += 1
+                        time.sleep(self.drip_s)
+            except OSError:
+                return  # the client gave up: what the tests want
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("mode", ["endless", "drip"])
+def test_s3_reads_stop_at_the_byte_cap_and_the_time_budget(mode, monkeypatch, finishes):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-checked-by-this-server")
+    server = HostileS3(mode)
+    try:
+        cfg = StorageConfig(endpoint_url=server.endpoint, max_attempts=2, max_read_bytes=4 << 20, read_budget_s=1.5)
+        start = time.monotonic()
+        with pytest.raises(StorageError) as info:
+            finishes(lambda: storage.read_bytes("s3://edsr/hostile.png", cfg), seconds=30)
+        elapsed = time.monotonic() - start
+    finally:
+        server.close()
+    message = str(info.value)
+    assert "s3://edsr/hostile.png" in message
+    if mode == "endless":
+        assert "more than 4,194,304 bytes" in message and "max_read_bytes" in message
+        assert server.sent < 64 << 20  # stopped near the cap, not after reading on and on
+    else:
+        assert "not finished within 1.5 s" in message and "read_budget_s" in message
+        assert 1.4 < elapsed < 10, elapsed  # the budget covers the whole read, attempts included
+        assert 0 < server.sent < 200
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed", "kind"),
+    [
+        ("s3://bucket/key", storage.DATA_LOCATIONS, storage.S3),
+        ("/data/in", storage.DATA_LOCATIONS, storage.LOCAL),
+        ("relative/in", storage.DATA_LOCATIONS, storage.LOCAL),
+        ("./gs:bucket/x", storage.DATA_LOCATIONS, storage.LOCAL),
+        ("~/in", storage.DATA_LOCATIONS, storage.LOCAL),
+        ("file:///data/in", storage.DATA_LOCATIONS, storage.LOCAL),
+        ("2024-01-01T10:00/in", storage.DATA_LOCATIONS, storage.LOCAL),  # starts with a digit: no scheme
+        ("models:/edsr/1", storage.MODEL_LOCATIONS, storage.MLFLOW),
+        ("runs:/abc/model", storage.MODEL_LOCATIONS, storage.MLFLOW),
+        (Path("gs:bucket"), storage.DATA_LOCATIONS, storage.LOCAL),  # a Path object is a local path by definition
+    ],
+)
+def test_location_kinds(text, allowed, kind):
+    assert storage.location_kind(text, allowed) == kind
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed", "words"),
+    [
+        ("gs://bucket/out", storage.DATA_LOCATIONS, ["unsupported scheme 'gs://'"]),
+        ("S3://bucket/out", storage.DATA_LOCATIONS, ["unsupported scheme 'S3://'", "did you mean s3://?"]),
+        ("s3a://bucket/out", storage.DATA_LOCATIONS, ["unsupported scheme 's3a://'", "did you mean s3://?"]),
+        ("s3n://bucket/out", storage.DATA_LOCATIONS, ["unsupported scheme 's3n://'", "did you mean s3://?"]),
+        ("ftp://host/x", storage.DATA_LOCATIONS, ["unsupported scheme 'ftp://'"]),
+        ("http://host/x.pt", storage.MODEL_LOCATIONS, ["unsupported scheme 'http://'"]),
+        ("https://host/x.pt", storage.MODEL_LOCATIONS, ["unsupported scheme 'https://'"]),
+        ("FILE:///x", storage.DATA_LOCATIONS, ["unsupported scheme 'FILE://'", "did you mean file://?"]),
+        ("gs:bucket/out", storage.DATA_LOCATIONS, ["unsupported scheme 'gs:'", "write ./gs:bucket/out"]),
+        ("s3:bucket", storage.DATA_LOCATIONS, ["unsupported scheme 's3:'", "did you mean s3://?", "./s3:bucket"]),
+        ("models:edsr", storage.MODEL_LOCATIONS, ["unsupported scheme 'models:'", "did you mean models:/?"]),
+        ("models:/edsr/1", storage.DATA_LOCATIONS, ["an MLflow models:/ or runs:/ URI is not supported here"]),
+        ("s3://bucket/x", (storage.LOCAL,), ["s3://bucket/key is not supported here"]),
+    ],
+)
+def test_foreign_schemes_are_refused_naming_what_is_supported(text, allowed, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LocationError) as info:
+        storage.location_kind(text, allowed, what="--output")
+    message = str(info.value)
+    assert message.startswith(f"--output {text}: ")
+    for word in words:
+        assert word in message
+    supported = [name for kind, name in storage._KIND_NAMES.items() if kind in allowed]
+    assert all(name in message for name in supported)
+    # Storage refuses them too, and creates nothing for them in the working directory.
+    if not text.startswith("s3://"):
+        for call in (storage.read_bytes, storage.list_files, lambda t: storage.write_bytes(f"{t}/a.png", b"x")):
+            with pytest.raises(LocationError):
+                call(text)
+    assert list(tmp_path.iterdir()) == []

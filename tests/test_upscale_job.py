@@ -35,7 +35,7 @@ from edsr_ray.batch import (
     model_workers,
     run_upscale,
 )
-from edsr_ray.config import InferenceConfig
+from edsr_ray.config import InferenceConfig, StorageConfig
 from edsr_ray.errors import ConfigError, StorageError
 from edsr_ray.imaging import DecodedImage, decode_image, encode_image
 from edsr_ray.inference import upscale, upscale_decoded
@@ -526,12 +526,18 @@ def test_plan_skips_the_output_folder_inside_the_input_and_refuses_collisions(tm
         (tmp_path / "in" / name).write_bytes(b"x")
     (tmp_path / "in" / "out" / "old").mkdir(parents=True)
     (tmp_path / "in" / "out" / "old" / "done.png").write_bytes(b"x")
-    tasks, refused = plan_tasks(str(tmp_path / "in"), str(tmp_path / "in" / "out"), "png")
+    tasks, refused, ignored = plan_tasks(str(tmp_path / "in"), str(tmp_path / "in" / "out"), "png")
     assert [t.key for t in tasks] == ["a.jpg", "sub/b.webp", "sub/c.PNG"]
     assert [t.dest for t in tasks] == [str(tmp_path / "in" / "out" / k) for k in ("a.png", "sub/b.png", "sub/c.png")]
     assert [(t.key, "also the output of" in why) for t, why in refused] == [("a.png", True)]
+    # Nothing vanishes: the files that are not inputs are ignored with the reason.
+    assert [(Path(s).relative_to(tmp_path / "in").as_posix(), why.split(" ", 1)[1]) for s, why in ignored] == [
+        ("_manifest.parquet", "is not an image extension"),
+        ("out/old/done.png", "lies inside the output location " + str(tmp_path / "in" / "out")),
+        ("readme.md", "is not an image extension"),
+    ]
 
-    single, _ = plan_tasks(str(tmp_path / "in" / "readme.md"), str(tmp_path / "o"))
+    single = plan_tasks(str(tmp_path / "in" / "readme.md"), str(tmp_path / "o")).tasks
     assert [(t.key, Path(t.dest).name) for t in single] == [("readme.md", "readme.png")]
 
 
@@ -550,7 +556,7 @@ def test_an_input_inside_the_output_is_refused_not_silently_skipped(tmp_path):
     (tmp_path / "in" / "c.png").write_bytes(b"x")
     listing = tmp_path / "list.txt"
     listing.write_text(f"{tmp_path / 'in' / 'c.png'}\n{tmp_path / 'out' / 'raw' / 'a.png'}\n")
-    tasks, refused = plan_tasks(str(listing), str(tmp_path / "out"))
+    tasks, refused, _ = plan_tasks(str(listing), str(tmp_path / "out"))
     assert [Path(t.source).name for t in tasks] == ["c.png"]
     assert [(Path(t.source).name, "inside the output location" in why) for t, why in refused] == [("a.png", True)]
 
@@ -705,3 +711,215 @@ def test_bad_output_and_compute_options():
     with pytest.raises(ConfigError, match="batch_size"):
         ComputeOptions(batch_size=0)
     assert tasks_table([]).num_rows == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hostile inputs: special files, files without an extension, foreign schemes, oversized inputs
+
+
+@pytest.fixture(scope="module")
+def hostile_tree(tmp_path_factory, photos, special_files) -> tuple[Path, dict[str, str], dict[str, str], dict]:
+    """A folder mixing images, every kind of special file named like an image, images without an extension and files
+    that are not images. Returns (root, key -> output key of each image, key -> words of each failure, key -> words
+    of each ignored file)."""
+    root = tmp_path_factory.mktemp("hostile")
+    special = special_files(root)
+    (root / "sub").mkdir()
+    (root / "nested").mkdir()
+    (root / "folder.png" / "inner.png").write_bytes(encode_image(_crop(photos, "rocket", 20, 24)))  # a real folder
+    files = {
+        "a.png": encode_image(_crop(photos, "coffee", 24, 32)),
+        "sub/b.jpg": _jpeg(_crop(photos, "chelsea", 24, 40)),
+        "scan": _jpeg(_crop(photos, "astronaut", 32, 24)),  # a JPEG without an extension
+        "nested/shot": encode_image(_crop(photos, "coffee", 16, 40, 50)),  # a PNG without an extension
+        "README": b"Upscale everything in here.\n",
+        ".DS_Store": bytes(range(256)) * 4,
+        "notes.txt": b"not an image\n",
+        "doc.pdf": b"%PDF-1.7\n",
+    }
+    for key, data in files.items():
+        (root / key).write_bytes(data)
+    os.mkfifo(root / "pipe")  # a FIFO without an extension: nothing to sniff
+    images = {"a.png": "a.png", "sub/b.jpg": "sub/b.jpg", "scan": "scan.jpg", "nested/shot": "nested/shot.png"}
+    images["folder.png/inner.png"] = "folder.png/inner.png"
+    failures = {key: words for key, words in special.items() if key != "folder.png"}
+    ignored = {
+        "README": "no extension, and its content is not an image: 28 bytes of UTF-8 text",
+        ".DS_Store": "no extension, and its content is not an image: 1024 bytes of binary data",
+        "notes.txt": ".txt is not an image extension",
+        "doc.pdf": ".pdf is not an image extension",
+        "pipe": "no extension, and not a regular file: a FIFO (named pipe)",
+    }
+    return root, images, failures, ignored
+
+
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_special_files_are_listed_failures_and_images_are_found_by_content(
+    request, mode, hostile_tree, model_file, model, finishes, tmp_path
+):
+    """Nothing in the folder blocks the run, in either mode: every special file is a failed row with its reason, the
+    images without an extension are upscaled under their format's extension, and everything else is counted."""
+    if mode == "ray":
+        request.getfixturevalue("ray_cluster")
+    root, images, failures, ignored = hostile_tree
+    out = tmp_path / "out"
+    compute = ComputeOptions(local=mode == "local", workers=1)
+    summary = finishes(lambda: run_upscale(str(model_file), str(root), str(out), compute=compute, progress=False), 300)
+
+    rows = {Path(r["input"]).relative_to(root).as_posix(): r for r in _manifest(str(out))}
+    assert set(rows) == set(images) | set(failures)
+    for key, words in failures.items():
+        row = rows[key]
+        assert row["status"] == "failed" and row["reason"].startswith(f"{root / key}: ") and words in row["reason"], row
+        assert row["input_bytes"] is None and row["bytes"] is None
+    for key, out_key in images.items():
+        row = rows[key]
+        assert row["status"] == "ok" and row["output"] == str(out / out_key), row
+        data = (root / key).read_bytes()
+        result = decode_image((out / out_key).read_bytes())
+        if out_key.endswith(".png"):
+            assert_same_image(result, expected_output(model, data), key)
+        else:  # "same" format: a JPEG found by its content is written as JPEG
+            assert result.format == "JPEG" and result.width == 2 * decode_image(data).width
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == sorted([*images.values(), MANIFEST_NAME, SUMMARY_NAME])
+
+    report = json.loads((out / SUMMARY_NAME).read_text())
+    assert (report["ok"], report["failed"], report["exit_code"]) == (len(images), len(failures), 1)
+    assert report["ignored"] == len(ignored) == len(summary.ignored)
+    assert len(report["ignored_examples"]) == 5
+    assert {Path(e["input"]).relative_to(root).as_posix(): e["why"] for e in report["ignored_examples"]} == ignored
+
+
+def test_a_special_file_named_as_input_list_or_model_fails_clearly(model_file, tmp_path, capsys, finishes):
+    os.mkfifo(tmp_path / "in.png")
+    os.mkfifo(tmp_path / "list.txt")
+    os.mkfifo(tmp_path / "model.pt")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    out = tmp_path / "out"
+    base = ["--output", out, "--local", "-q"]
+    # A single input: one failed row, the run finishes (exit 1: more failures than allowed).
+    for name in ("in.png", "zero.png"):
+        assert finishes(lambda n=name: _main(["--model", model_file, "--input", tmp_path / n, *base]), 120) == 1
+        (row,) = _manifest(str(out))
+        assert row["status"] == "failed" and "not a regular file" in row["reason"] and name in row["reason"], row
+        capsys.readouterr()
+    # A list file or the model: the run cannot start (exit 2, one line naming the file).
+    cases = {("--input", tmp_path / "list.txt"): "list.txt", ("--model", tmp_path / "model.pt"): "model.pt"}
+    for (flag, path), name in cases.items():
+        argv = ["--model", model_file, "--input", tmp_path / "in.png", *base, flag, path]
+        assert finishes(lambda a=argv: _main(a), 120) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and name in err and "not a regular file: a FIFO" in err
+
+
+SCHEMES = [
+    ("gs://bucket/x", ["unsupported scheme 'gs://'"]),
+    ("S3://bucket/x", ["unsupported scheme 'S3://'", "did you mean s3://?"]),
+    ("s3a://bucket/x", ["unsupported scheme 's3a://'", "did you mean s3://?"]),
+    ("s3n://bucket/x", ["unsupported scheme 's3n://'"]),
+    ("ftp://host/x", ["unsupported scheme 'ftp://'"]),
+    ("https://host/x", ["unsupported scheme 'https://'"]),
+    ("gs:bucket/x", ["unsupported scheme 'gs:'", "./gs:bucket/x"]),
+    ("s3:bucket", ["unsupported scheme 's3:'", "did you mean s3://?"]),
+]
+
+
+@pytest.mark.parametrize("mode", ["local", "ray"])
+@pytest.mark.parametrize("flag", ["--input", "--output", "--model"])
+def test_foreign_schemes_exit_2_before_anything_is_created(
+    flag, mode, model_file, photo_tree, tmp_path, capsys, monkeypatch
+):
+    """Every flag that takes a location, in both modes: exit 2, one "error:" line naming the flag, the value and the
+    supported schemes, and nothing created (no "gs:" folder in the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    for value, words in SCHEMES:
+        args = {"--model": model_file, "--input": photo_tree, "--output": tmp_path / "out", flag: value}
+        argv = [x for pair in args.items() for x in pair] + ["-q"] + (["--local"] if mode == "local" else [])
+        assert _main(argv) == 2, value
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag} {value}: ") and "\n" not in err, err
+        assert all(w in err for w in words) and "s3://bucket/key" in err and "a local path" in err, err
+        assert ("models:/" in err) == (flag == "--model"), err
+        assert os.listdir(tmp_path) == [], "nothing may be created for a refused location"
+
+
+def test_list_file_entries_in_foreign_schemes_are_refused_by_line(model_file, photo_tree, tmp_path, capsys):
+    for value, words in SCHEMES:
+        listing = tmp_path / "list.txt"
+        listing.write_text(f"# inputs\n{photo_tree / 'chelsea.png'}\n{value}/a.png\n")
+        argv = ["--model", model_file, "--input", listing, "--output", tmp_path / "out", "--local", "-q"]
+        assert _main(argv) == 2, value
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --input {listing}, line 3: {value}/a.png: ") and "\n" not in err, err
+        assert all(w.replace("bucket/x", "bucket/x/a.png") in err for w in words), err
+    parquet = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"path": [str(photo_tree / "chelsea.png"), "gs://bucket/b.png"]}), parquet)
+    argv = ["--model", model_file, "--input", parquet, "--output", tmp_path / "out", "--local", "-q"]
+    assert _main(argv) == 2
+    assert "row 2: gs://bucket/b.png: unsupported scheme 'gs://'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_read_bytes_bounds_every_input_read(model_file, photos, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    small, large = encode_image(_crop(photos, "coffee", 16, 16)), encode_image(_crop(photos, "coffee", 300, 400))
+    (src / "small.png").write_bytes(small)
+    (src / "large.png").write_bytes(large)
+    limit = 2 * model_file.stat().st_size  # the weights are read under the same limit
+    assert len(small) < limit < len(large)
+    argv = ["--model", model_file, "--input", src, "--output", tmp_path / "out", "--local", "-q"]
+    assert _main([*argv, "--max-read-bytes", limit]) == 1
+    rows = {Path(r["input"]).name: r for r in _manifest(str(tmp_path / "out"))}
+    assert rows["small.png"]["status"] == "ok"
+    assert rows["large.png"]["status"] == "failed"
+    assert f"{len(large):,} bytes is more than the {limit:,} bytes" in rows["large.png"]["reason"]
+    capsys.readouterr()
+    assert _main([*argv, "--max-read-bytes", model_file.stat().st_size - 1]) == 2
+    assert f"{model_file}: {model_file.stat().st_size:,} bytes is more than the" in capsys.readouterr().err
+    assert _main([*argv, "--max-read-bytes", 0]) == 2
+    assert "max_read_bytes: must be >= 1" in capsys.readouterr().err
+
+
+def test_list_files_are_bounded_by_the_memory_their_entries_take(tmp_path):
+    """A short file can name a great many entries: a text list of empty lines, a Parquet list repeating one long
+    entry through its dictionary (the file stays a few kilobytes)."""
+    text = tmp_path / "many.txt"
+    text.write_bytes(b"\n" * 20_000)
+    cfg = StorageConfig(max_read_bytes=1_000_000)
+    with pytest.raises(ConfigError, match=r"many\.txt: the list's entries take more than the 1,000,000 bytes"):
+        read_list_file(str(text), cfg)
+    assert read_list_file(str(text)) == []  # within the default limit: blank lines, no entries
+    parquet = tmp_path / "many.parquet"
+    pq.write_table(pa.table({"path": ["a" * 1000 + ".png"] * 20_000}), parquet, compression="zstd")
+    assert parquet.stat().st_size < 10_000
+    with pytest.raises(ConfigError, match=r"many\.parquet: the list's entries take more than the 1,000,000 bytes"):
+        read_list_file(str(parquet), cfg)
+    assert read_list_file(str(parquet)) == [str(tmp_path / ("a" * 1000 + ".png"))]
+
+
+def test_objects_without_an_extension_are_sniffed_with_ranged_reads(s3, model_file, model, photos, tmp_path):
+    src, out = "s3://edsr/sniff/in", str(tmp_path / "out")
+    objects = {
+        "photo.png": encode_image(_crop(photos, "coffee", 24, 32)),
+        "scan": _jpeg(_crop(photos, "astronaut", 32, 24)),
+        "deep/shot": encode_image(_crop(photos, "chelsea", 16, 24)),
+        "deep/clip": b"\x00\x00\x00\x18ftypisom\x00\x00\x00\x00isomavc1" + b"\x00" * 64,
+        "README": b"notes\n",
+        "empty": b"",
+    }
+    _upload(src, objects)
+    summary = run_upscale(
+        str(model_file), src, out, options=OutputOptions(fmt="webp"), compute=ComputeOptions(local=True)
+    )
+    assert (summary.written, summary.count("failed")) == (3, 0)
+    written = sorted(p.relative_to(out).as_posix() for p in Path(out).rglob("*.webp"))
+    assert written == ["deep/shot.webp", "photo.webp", "scan.webp"]
+    assert sorted((Path(s).name, why) for s, why in summary.ignored) == [
+        ("README", "no extension, and its content is not an image: 6 bytes of UTF-8 text"),
+        ("clip", "no extension, and its content is not an image: an MP4 video"),
+        ("empty", "no extension, and its content is not an image: an empty file"),
+    ]
+    result = decode_image((Path(out) / "scan.webp").read_bytes())
+    assert (result.width, result.height) == (48, 64)
