@@ -315,7 +315,11 @@ def _local_stream(tasks: list[Task], stage: UpscaleBatch, work: _Work, compute: 
     max_pixels = int(work.options["max_pixels"])
     for start in range(0, len(tasks), size):
         decoded = decode_batch(
-            tasks_table(tasks[start : start + size]), max_pixels=max_pixels, storage_config=work.storage_config
+            tasks_table(tasks[start : start + size]),
+            max_pixels=max_pixels,
+            storage_config=work.storage_config,
+            scale=work.scale,
+            fmt=work.options["fmt"],
         )
         upscaled = stage(decoded)
         del decoded  # the inputs' pixels are no longer needed
@@ -365,7 +369,12 @@ def _ray_stream(tasks: list[Task], model: Any, work: _Work, compute: ComputeOpti
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
             decode_batch,
-            fn_kwargs={"max_pixels": int(work.options["max_pixels"]), "storage_config": work.storage_config},
+            fn_kwargs={
+                "max_pixels": int(work.options["max_pixels"]),
+                "storage_config": work.storage_config,
+                "scale": work.scale,
+                "fmt": work.options["fmt"],
+            },
             **codec,
         )
         ds = ds.map_batches(

@@ -28,8 +28,16 @@ from PIL import Image, UnidentifiedImageError
 from edsr_ray.errors import ImageError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
-# Largest side each lossy format can store (libwebp: 16383; baseline JPEG: 65535, libjpeg allows 65500).
-MAX_SIDE = {"jpeg": 65500, "webp": 16383}
+# Largest side each output format can store: PNG's 31-bit header fields; libjpeg's JPEG_MAX_DIMENSION (the format's
+# 16-bit fields would allow 65535); libwebp's 14-bit fields. check_output_size is the one place that applies them.
+MAX_SIDE = {"png": 2**31 - 1, "jpeg": 65500, "webp": 16383}
+# fpng (the fast PNG writer) writes only the low 16 bits of each side into the header, so a wider or taller image
+# gets a wrong size (65536 wide comes out as 0, 70000 as 4464), and it sizes its buffers with 32-bit arithmetic, so
+# more than 4 GiB of filtered rows overflows one and crashes the process (both seen with fpng 0.1.0). Its output is
+# also unchecked by the binding: a failure comes back as empty bytes. Images past these bounds, (width * channels + 1)
+# * height bytes of filtered rows kept a factor two below the overflow, go to Pillow's zlib writer instead.
+FPNG_MAX_SIDE = 65535
+FPNG_MAX_FILTERED_BYTES = 2**31 - 1
 
 MAX_PIXELS_DEFAULT = 40_000_000
 """Default decompression-bomb limit: width × height above this is refused before decoding (40 MP ≈ 7750×5160)."""
@@ -711,36 +719,115 @@ def _write_png(array: np.ndarray, compress_level: int) -> bytes:
     return _PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
+def fpng_can_encode(height: int, width: int, channels: int) -> bool:
+    """Whether fpng writes an image of this shape exactly (see :data:`FPNG_MAX_SIDE`)."""
+    return (
+        channels in (3, 4)
+        and max(height, width) <= FPNG_MAX_SIDE
+        and (width * channels + 1) * height <= FPNG_MAX_FILTERED_BYTES
+    )
+
+
 def _encode_png(pixels: np.ndarray, compress_level: int) -> bytes:
-    if pixels.dtype == np.uint8 and pixels.shape[2] in (3, 4) and compress_level > 1:
-        # A higher level asks for smaller files than fpng makes: Pillow's zlib writer at that level.
+    """``pixels`` (H, W, C) as PNG: fpng where it can store them exactly, else zlib (Pillow or the built-in writer)."""
+    height, width, channels = pixels.shape
+    if pixels.dtype == np.uint8 and channels in (3, 4):
+        if compress_level <= 1 and fpng_can_encode(height, width, channels):
+            import fpng
+
+            # fpng writes 8-bit RGB/RGBA PNGs several times faster than zlib at level 1, at a similar size.
+            return fpng.from_ndarray(np.ascontiguousarray(pixels))
+        # Pillow's zlib writer: a higher level asks for smaller files than fpng makes, or fpng cannot store the image.
         buffer = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, "PNG", compress_level=compress_level)
         return buffer.getvalue()
-    if pixels.dtype == np.uint8 and pixels.shape[2] in (3, 4):
-        import fpng
-
-        try:
-            # fpng writes 8-bit RGB/RGBA PNGs several times faster than zlib at level 1, at a similar size.
-            return fpng.from_ndarray(np.ascontiguousarray(pixels))
-        except Exception as exc:  # fall back to the slower writer on any fpng limitation
-            log.debug("fpng could not encode a %s %s array (%s); using Pillow", pixels.shape, pixels.dtype, exc)
-            buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, "PNG", compress_level=compress_level)
-            return buffer.getvalue()
     return _write_png(pixels, compress_level)
 
 
 def check_output_size(width: int, height: int, fmt: str) -> None:
-    """Raise :class:`ImageError` if ``fmt`` cannot store a ``width`` x ``height`` image (WebP and JPEG have limits).
+    """Raise :class:`ImageError` if ``fmt`` cannot store a ``width`` x ``height`` image (:data:`MAX_SIDE`).
 
-    Callers that know the output size before computing it (a service) check here first, instead of after the work.
+    :func:`encode_image` checks here before encoding; callers that know an output's size before computing it (the
+    batch job after decoding, the service after reading the header) check here first, instead of after the work.
     """
-    limit = MAX_SIDE.get(normalize_format(fmt))
-    if limit is not None and max(width, height) > limit:
+    fmt = normalize_format(fmt)
+    if width < 1 or height < 1:
+        raise ImageError(f"cannot write an empty {width}x{height} image")
+    limit = MAX_SIDE[fmt]
+    if max(width, height) > limit:
+        advice = "choose PNG for this output" if fmt != "png" else "split the image"
         raise ImageError(
-            f"a {width}x{height} image is too large for {normalize_format(fmt).upper()} (at most {limit} pixels a "
-            "side): choose PNG for this output"
+            f"a {width}x{height} image is too large for {fmt.upper()} (at most {limit} pixels a side): {advice}"
+        )
+
+
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC share the range
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the first start-of-frame segment of a JPEG stream."""
+    if data[:2] != b"\xff\xd8":
+        raise ImageError("no JPEG start-of-image marker")
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise ImageError(f"no JPEG marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # segments without a length
+            pos += 2
+        elif marker in _JPEG_SOF_MARKERS and pos + 9 <= len(data):
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return width, height
+        elif marker == 0xDA:
+            break  # scan data before any frame header
+        else:
+            pos += 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+    raise ImageError("no JPEG frame header before the image data")
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the first chunk of a WebP file: VP8X (extended), VP8L (lossless) or VP8 (lossy)."""
+    if len(data) < 30 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        raise ImageError("no RIFF/WEBP header")
+    kind = data[12:16]
+    if kind == b"VP8X":  # canvas size minus one, 24 bits each
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if kind == b"VP8L" and data[20] == 0x2F:  # 14 bits each, minus one
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":  # after the 3-byte frame tag and the start code
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    raise ImageError(f"unknown WebP chunk {kind!r}")
+
+
+def encoded_size(data: bytes, fmt: str) -> tuple[int, int]:
+    """(width, height) that encoded image data declares in its header: PNG IHDR, JPEG SOF, WebP VP8/VP8L/VP8X."""
+    fmt = normalize_format(fmt)
+    if fmt == "png":
+        if data[:8] != _PNG_SIGNATURE:
+            raise ImageError("no PNG signature")
+        width, height, _, _ = _png_ihdr(data, "PNG")
+        return width, height
+    return _jpeg_size(data) if fmt == "jpeg" else _webp_size(data)
+
+
+def check_encoded_size(data: bytes, fmt: str, width: int, height: int) -> None:
+    """Raise :class:`ImageError` unless ``data`` declares exactly ``width`` x ``height``: an encoder that silently
+    writes another size (or nothing) must fail the image, never leave a wrong file behind."""
+    try:
+        written = encoded_size(data, fmt)
+    except ImageError as exc:
+        raise ImageError(
+            f"the {fmt.upper()} encoder produced {len(data):,} bytes with no readable size for a {width}x{height} "
+            f"image ({exc}); refusing to store it"
+        ) from None
+    if written != (width, height):
+        raise ImageError(
+            f"the {fmt.upper()} encoder wrote a header of {written[0]}x{written[1]} for a {width}x{height} image; "
+            "refusing to store it"
         )
 
 
@@ -754,23 +841,33 @@ def encode_image(
     """Encode a :class:`DecodedImage` or an (H, W) / (H, W, 2|3|4) uint8/uint16 array as PNG, JPEG or WebP.
 
     PNG is lossless: bit depth, alpha and grey are kept, so ``decode_image(encode_image(x))`` gives ``x`` back.
-    8-bit RGB/RGBA goes through fpng (fast) at ``png_compress_level`` 0-1, through Pillow's zlib writer at a higher
-    level (smaller files); other layouts through a small built-in writer (zlib at ``png_compress_level``). JPEG and
-    WebP are 8 bit (16-bit samples are rounded to 8 bit) at ``quality``. JPEG cannot store alpha: it is dropped with
-    a warning, leaving the colour as it is. WebP keeps alpha but has no grey mode, so grey images are written as RGB.
+    8-bit RGB/RGBA goes through fpng (fast) at ``png_compress_level`` 0-1 within its limits (:data:`FPNG_MAX_SIDE`),
+    else through Pillow's zlib writer (also at a higher level: smaller files); other layouts through a small built-in
+    writer (zlib at ``png_compress_level``). JPEG and WebP are 8 bit (16-bit samples are rounded to 8 bit) at
+    ``quality``. JPEG cannot store alpha: it is dropped with a warning, leaving the colour as it is. WebP keeps alpha
+    but has no grey mode, so grey images are written as RGB.
+
+    A size the format cannot store is refused before encoding (:func:`check_output_size`), and the result's header is
+    read back (:func:`check_encoded_size`): bytes that declare any other size than the image's raise
+    :class:`ImageError` instead of being returned.
     """
     fmt = normalize_format(fmt)
     if not isinstance(image, DecodedImage):
         image = DecodedImage.from_array(image)
+    if fmt != "png" and not 1 <= int(quality) <= 100:
+        raise ImageError(f"quality must be in 1..100, got {quality!r}")
+    check_output_size(image.width, image.height, fmt)
     colour = image.rgb[..., :1] if image.grey else image.rgb  # (H, W, 1) or (H, W, 3)
     pixels = colour if image.alpha is None else np.concatenate([colour, image.alpha[..., None]], axis=2)
 
-    if fmt == "png":
-        return _encode_png(pixels, png_compress_level)
+    level = png_compress_level
+    data = _encode_png(pixels, level) if fmt == "png" else _encode_lossy(image, pixels, fmt, int(quality))
+    check_encoded_size(data, fmt, image.width, image.height)
+    return data
 
-    if not 1 <= int(quality) <= 100:
-        raise ImageError(f"quality must be in 1..100, got {quality!r}")
-    check_output_size(pixels.shape[1], pixels.shape[0], fmt)
+
+def _encode_lossy(image: DecodedImage, pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+    """``pixels`` (H, W, C) as 8-bit JPEG or WebP at ``quality``."""
     pixels = _to_8bit(pixels)
     buffer = io.BytesIO()
     if fmt == "jpeg":
@@ -778,10 +875,10 @@ def encode_image(
             log.warning("JPEG cannot store transparency: the alpha channel is dropped")
             pixels = pixels[..., :-1]
         Image.fromarray(np.ascontiguousarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)).save(
-            buffer, "JPEG", quality=int(quality)
+            buffer, "JPEG", quality=quality
         )
     else:
         if pixels.shape[2] in (1, 2):  # WebP has no grey modes: expand the grey channel to RGB
             pixels = np.concatenate([np.repeat(pixels[..., :1], 3, axis=2), pixels[..., 1:]], axis=2)
-        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, "WEBP", quality=int(quality))
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, "WEBP", quality=quality)
     return buffer.getvalue()

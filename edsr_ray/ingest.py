@@ -17,10 +17,11 @@ Written under the root (``s3://bucket/prefix`` or a folder)::
     benchmark/Set5/HR/baby.png     benchmark/Set5/LR_bicubic/X2/babyx2.png
     manifest.parquet               one row per HR image (edsr_ray.data.MANIFEST_COLUMNS)
 
-Every image is stored as an 8-bit RGB PNG written by fpng: lossless, so its pixels are exactly the source's (EXIF
-orientation applied, grey expanded, alpha dropped, 16 bit rounded), and libspng decodes it about twice as fast as a
-zlib-compressed PNG such as DIV2K's originals - decoding is most of the cost of the patch stream
-(``benchmarks/bench_patches.py``). The manifest keeps the checksum of each source file next to that of the object.
+Every image is stored as an 8-bit RGB PNG written by fpng (by zlib past fpng's size limits, see
+:func:`~edsr_ray.imaging.encode_image`): lossless, so its pixels are exactly the source's (EXIF orientation applied,
+grey expanded, alpha dropped, 16 bit rounded), and libspng decodes it about twice as fast as a zlib-compressed PNG
+such as DIV2K's originals - decoding is most of the cost of the patch stream (``benchmarks/bench_patches.py``). The
+manifest keeps the checksum of each source file next to that of the object, and the sizes of the stored images.
 
 Rules, so a run can be trusted:
 
@@ -37,6 +38,13 @@ Rules, so a run can be trusted:
 * Nothing half-written: objects are written atomically (:func:`edsr_ray.storage.write_bytes`) and the manifest last.
 
 The work runs as Ray tasks pinned to this node (the sources are local files), with a progress bar.
+
+Memory: at most ``workers`` images are in flight, and each holds its source files (the HR file and the LR files the
+sources supply for it, each refused past ``max_source_bytes``, default :data:`MAX_SOURCE_BYTES`; a zip member is
+inflated :data:`ZIP_CHUNK_BYTES` at a time and never past the size its archive declares, whatever its data inflates
+to), its decoded pixels (at most the decompression-bomb limit of 40 MP: a few hundred MB for a 16-bit image) and the
+PNGs written from them. A run thus stays under about ``workers`` x ((1 + LR files per image) x ``max_source_bytes``
++ one decoded image); DIV2K's images (2K, PNGs of ~4 MB) need a few tens of MB each.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import re
 import sys
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -66,8 +75,15 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 # Sources are local folders or zip files (read by this node's tasks); the destination may be S3 too.
 SOURCE_LOCATIONS = (storage_lib.LOCAL,)
-# Largest source file read into memory (a 2K PNG is ~4 MB); guards against zip bombs and stray huge files.
+# Largest source file (or zip member) read into memory by default (a 2K PNG is ~4 MB): guards against zip bombs and
+# stray huge files; ``ingest(max_source_bytes=...)`` / ``--max-source-mb`` change it.
 MAX_SOURCE_BYTES = 512 * 1024 * 1024
+# Zip members are inflated this much at a time and stopped at the size their archive declares, so a member whose
+# data inflates to far more than it declares costs at most one chunk, not its inflated size.
+ZIP_CHUNK_BYTES = 1 << 20
+# Compression methods read from archives. zipfile inflates bzip2 and LZMA data a whole compressed chunk at a time with
+# no bound on the output, so members compressed that way are refused (image archives use deflate).
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 _DIV2K_HR = re.compile(r"(?:^|/)DIV2K_(?P<split>train|valid|test)_HR/(?P<stem>[^/]+)\.\w+$")
 _DIV2K_LR = re.compile(
     r"(?:^|/)DIV2K_(?P<split>train|valid|test)_LR_bicubic/X(?P<scale>\d)/(?P<stem>[^/]+)x(?P=scale)\.\w+$"
@@ -97,22 +113,52 @@ class SourceFile:
         """How reports name it: the path, or ``archive.zip:member``."""
         return f"{self.path}:{self.member}" if self.member else self.path
 
-    def read(self) -> bytes:
+    def read(self, limit: int = MAX_SOURCE_BYTES) -> bytes:
+        """The file's bytes, refused past ``limit`` bytes (a zip member also past the size its archive declares)."""
         try:
             if self.member is None:
                 try:  # only a regular file is read: a FIFO named like an image fails here instead of blocking
-                    return storage_lib.read_bytes(self.path, max_bytes=MAX_SOURCE_BYTES)
+                    return storage_lib.read_bytes(self.path, max_bytes=limit)
                 except StorageError as exc:
                     raise ImageError(str(exc)) from None
-            with zipfile.ZipFile(self.path) as archive:
-                info = archive.getinfo(self.member)
-                if info.file_size > MAX_SOURCE_BYTES:
-                    raise ImageError(
-                        f"{self.name}: {info.file_size:,} bytes is larger than the {MAX_SOURCE_BYTES:,} allowed"
-                    )
-                return archive.read(info)
+            return _read_member(self.path, self.member, limit)
         except (OSError, zipfile.BadZipFile, KeyError) as exc:
             raise ImageError(f"{self.name}: cannot read: {exc}") from None
+
+
+def _read_member(path: str, member: str, limit: int) -> bytes:
+    """One archive member, inflated :data:`ZIP_CHUNK_BYTES` at a time: memory holds at most what the archive declares
+    for it (at most ``limit``; twice that while the pieces are joined) plus one chunk, whatever its data inflates to."""
+    name = f"{path}:{member}"
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+        if info.compress_type not in ZIP_METHODS:
+            methods = " and ".join(ZIP_METHODS.values())
+            raise ImageError(
+                f"{name}: compression method {info.compress_type} is not read; only {methods} members are (re-pack "
+                "the archive with deflate)"
+            )
+        if info.flag_bits & 0x1:
+            raise ImageError(f"{name}: the member is encrypted")
+        if info.file_size > limit:
+            raise ImageError(f"{name}: {info.file_size:,} bytes is larger than the {limit:,} allowed")
+        parts, total = [], 0
+        try:
+            with archive.open(info) as stream:
+                # zipfile stops at the declared size and then checks the CRC; the count is the guard of last resort.
+                while chunk := stream.read(ZIP_CHUNK_BYTES):
+                    total += len(chunk)
+                    if total > info.file_size:
+                        raise ImageError(f"{name}: inflates past the {info.file_size:,} bytes its archive declares")
+                    parts.append(chunk)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise ImageError(
+                f"{name}: corrupt archive member: its data does not match the size ({info.file_size:,} bytes) and "
+                f"checksum its archive declares ({exc})"
+            ) from None
+    if total != info.file_size:
+        raise ImageError(f"{name}: the archive declares {info.file_size:,} bytes; its data holds {total:,}")
+    return b"".join(parts)
 
 
 @dataclass
@@ -329,6 +375,7 @@ class _Task:
     existing: frozenset[str]  # keys of this item's objects that the root already holds
     verify: bool
     storage: StorageConfig | None
+    max_source_bytes: int = MAX_SOURCE_BYTES
 
 
 @dataclass
@@ -395,7 +442,7 @@ def ingest_item(task: _Task) -> ItemResult:
         return prev.get(data_lib.lr_column(scale, name))
 
     try:
-        hr_source = item.hr.read()
+        hr_source = item.hr.read(task.max_source_bytes)
     except ImageError as exc:
         result.failed.append((item.hr.name, str(exc)))
         return result
@@ -404,7 +451,7 @@ def ingest_item(task: _Task) -> ItemResult:
     lr_sources: dict[int, bytes] = {}
     for scale in (s for s in task.scales if s in item.lr):
         try:
-            lr_sources[scale] = item.lr[scale].read()
+            lr_sources[scale] = item.lr[scale].read(task.max_source_bytes)
         except ImageError as exc:
             result.failed.append((item.lr[scale].name, str(exc)))
 
@@ -569,11 +616,14 @@ def ingest(
     verify: bool = False,
     storage: StorageConfig | None = None,
     progress: bool = True,
+    max_source_bytes: int = MAX_SOURCE_BYTES,
 ) -> IngestReport:
     """Ingest ``sources`` into the dataset root ``dest``; see the module docstring for the rules.
 
     ``workers``: images processed at once (default: twice the cluster's CPUs; each task reserves half a CPU, as it
-    waits on storage part of the time). Uses the current Ray connection, or starts a local Ray.
+    waits on storage part of the time). ``max_source_bytes``: the largest source file or zip member read; larger
+    ones fail by name. Both bound the run's memory (module docstring). Uses the current Ray connection, or starts a
+    local Ray.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -585,6 +635,8 @@ def ingest(
         raise EdsrRayError(f"scales must be a non-empty subset of {list(SCALES)}, got {list(scales)}")
     if not sources:
         raise EdsrRayError("no --source given")
+    if max_source_bytes < 1:
+        raise EdsrRayError(f"max_source_bytes must be >= 1, got {max_source_bytes}")
     for source in sources:  # every location is checked before anything is read or written
         storage_lib.location_kind(source, SOURCE_LOCATIONS, what="--source")
     if storage_lib.location_kind(dest, storage_lib.DATA_LOCATIONS, what="--dest") == storage_lib.S3:
@@ -616,7 +668,7 @@ def ingest(
                 item = queue.pop(0)
                 hr_key, lr_keys = object_keys(item.dataset, item.split, item.id, scales)
                 keys = frozenset(k for k in (hr_key, *lr_keys.values()) if k in present)
-                task = _Task(item, scales, dest, previous.get(item.key), keys, verify, storage)
+                task = _Task(item, scales, dest, previous.get(item.key), keys, verify, storage, max_source_bytes)
                 pending[remote.remote(task)] = item
             done, _ = ray.wait(list(pending), num_returns=1)
             item = pending.pop(done[0])

@@ -151,7 +151,19 @@ class RunLogger:
             self._client.log_batch(self.run_id, metrics=items)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        self._client.log_image(self.run_id, image, artifact_file=artifact_file)
+        """Log an (H, W[, C]) uint8/uint16 image as ``artifact_file`` (its extension picks PNG, JPEG or WebP).
+
+        Encoded by :func:`edsr_ray.imaging.encode_image`, the one encoder of every image the project writes, so a
+        picture gets the same size checks as any output, rather than through MLflow's own Pillow call.
+        """
+        from edsr_ray.imaging import encode_image, format_from_name
+
+        data = encode_image(image, format_from_name(artifact_file))
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            self._client.log_artifact(self.run_id, str(path), folder or None)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self.run_id, text, artifact_file)

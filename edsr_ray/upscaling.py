@@ -34,13 +34,14 @@ import pyarrow as pa
 
 from edsr_ray import storage
 from edsr_ray.config import InferenceConfig, StorageConfig, from_dict
-from edsr_ray.errors import ConfigError, EdsrRayError, LocationError, StorageError
+from edsr_ray.errors import ConfigError, EdsrRayError, ImageError, LocationError, StorageError
 from edsr_ray.imaging import (
     FORMAT_EXTENSIONS,
     IMAGE_SUFFIXES,
     MAX_PIXELS_DEFAULT,
     SNIFF_BYTES,
     DecodedImage,
+    check_output_size,
     decode_image,
     encode_image,
     format_from_name,
@@ -185,6 +186,20 @@ def output_key(key: str, fmt: str, detected: str | None = None) -> str:
         fmt = detected if detected in FORMAT_EXTENSIONS else "png"
     extension = FORMAT_EXTENSIONS[fmt]
     return f"{key}{extension}" if not has_extension(key) else str(path.with_suffix(extension))
+
+
+def written_format(dest: str, fmt: str) -> str:
+    """The format an output is written in: ``fmt``, or with "same" the one its name says (see :func:`output_key`)."""
+    return fmt if fmt != "same" else format_from_name(dest)
+
+
+def check_upscaled_size(width: int, height: int, scale: int, fmt: str) -> None:
+    """Raise :class:`ImageError` when a ``width`` x ``height`` input upscaled by ``scale`` cannot be stored as
+    ``fmt`` (known from the input's header, so before any model time is spent on it)."""
+    try:
+        check_output_size(width * scale, height * scale, fmt)
+    except ImageError as exc:
+        raise ImageError(f"its x{scale} output cannot be written: {exc}") from None
 
 
 def is_list_file(uri: str) -> bool:
@@ -563,9 +578,18 @@ def _timed_read(source: str, cfg: StorageConfig | None) -> tuple[bytes | BaseExc
 
 
 def decode_batch(
-    tasks: pa.Table, *, max_pixels: int = MAX_PIXELS_DEFAULT, storage_config: Mapping[str, Any] | None = None
+    tasks: pa.Table,
+    *,
+    max_pixels: int = MAX_PIXELS_DEFAULT,
+    storage_config: Mapping[str, Any] | None = None,
+    scale: int | None = None,
+    fmt: str = "same",
 ) -> pa.Table:
-    """Task rows → image rows: every input read (several at once) and decoded; failures keep their reason."""
+    """Task rows → image rows: every input read (several at once) and decoded; failures keep their reason.
+
+    With ``scale``, an input whose upscaled size its output format (``fmt``, an :data:`OUTPUT_FORMATS` value) cannot
+    store fails here, before the model stage spends any time on it.
+    """
     cfg = _storage_cfg(storage_config)
     sources, dests = tasks.column("input").to_pylist(), tasks.column("output").to_pylist()
     with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, len(sources)))) as pool:
@@ -579,7 +603,10 @@ def decode_batch(
                 raise data
             row["input_bytes"] = len(data)
             img = decode_image(data, name=source, max_pixels=max_pixels)
-            row.update(pack_image(img), width=img.width, height=img.height)
+            row.update(width=img.width, height=img.height)
+            if scale is not None:
+                check_upscaled_size(img.width, img.height, scale, written_format(dest, fmt))
+            row.update(pack_image(img))
         except ITEM_ERRORS as exc:
             row["reason"] = reason_of(exc, source)
         row["seconds"] = seconds + time.perf_counter() - start
@@ -709,8 +736,7 @@ def encode_and_write(
     dest: str, image: DecodedImage, options: OutputOptions, output_uri: str, cfg: StorageConfig | None = None
 ) -> int:
     """Encode the upscaled image in its output's format and write it atomically; returns the bytes written."""
-    fmt = options.fmt if options.fmt != "same" else format_from_name(dest)
-    data = encode_output(image, fmt, options)
+    data = encode_output(image, written_format(dest, options.fmt), options)
     check_destination(dest, output_uri)
     storage.write_bytes(dest, data, cfg)
     return len(data)
@@ -738,8 +764,7 @@ def write_batch(
                 continue
             start = time.perf_counter()
             try:
-                fmt = opts.fmt if opts.fmt != "same" else format_from_name(row["output"])
-                data = encode_output(unpack_image(rec, pixels), fmt, opts)
+                data = encode_output(unpack_image(rec, pixels), written_format(row["output"], opts.fmt), opts)
                 check_destination(row["output"], output_uri)
             except ITEM_ERRORS as exc:
                 row["reason"] = reason_of(exc, row["input"])

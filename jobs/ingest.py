@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         "--split", default="auto", choices=("auto", "train", "valid", "test"), help="split of loose images"
     )
     parser.add_argument("--workers", type=int, default=None, help="images processed at once (default: 2 x CPUs)")
+    parser.add_argument(
+        "--max-source-mb",
+        type=int,
+        default=None,
+        help="largest source file or zip member read, in MiB (default 512); bounds the run's memory",
+    )
     parser.add_argument("--verify", action="store_true", help="re-read and re-hash objects already stored")
     parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -41,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.max_source_mb is not None and args.max_source_mb < 1:
+        parser.error(f"--max-source-mb must be >= 1, got {args.max_source_mb}")
 
-    from edsr_ray.ingest import ingest
+    from edsr_ray.ingest import MAX_SOURCE_BYTES, ingest
 
     try:
         storage = None
@@ -58,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             verify=args.verify,
             storage=storage,
             progress=not args.no_progress,
+            max_source_bytes=MAX_SOURCE_BYTES if args.max_source_mb is None else args.max_source_mb << 20,
         )
     except EdsrRayError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -37,6 +37,18 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def strip():
+    """``strip(shape, dtype=np.uint8)``: an image such as 1xN or Nx1 (cheap at any length, for size limits) whose
+    samples vary along it, so a wrong size or order shows in its pixels."""
+
+    def make(shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+        values = np.arange(int(np.prod(shape)), dtype=np.int64) * 7919
+        return (values % (65521 if dtype == np.uint16 else 251)).astype(dtype).reshape(shape)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     """Real photographs (uint8 RGB) shipped with scikit-image, keyed by name."""
     from edsr_ray.samples import photos

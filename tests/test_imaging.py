@@ -20,10 +20,14 @@ from edsr_ray.imaging import (
     MAX_PIXELS_DEFAULT,
     SNIFF_BYTES,
     DecodedImage,
+    check_encoded_size,
+    check_output_size,
     content_type,
     decode_image,
     encode_image,
+    encoded_size,
     format_from_name,
+    fpng_can_encode,
     imresize,
     normalize_format,
     probe_image,
@@ -705,15 +709,137 @@ def test_format_helpers():
         format_from_name("README")
 
 
-def test_lossy_formats_refuse_sizes_they_cannot_store_with_a_clear_error():
-    wide = np.zeros((1, 16384, 3), dtype=np.uint8)
-    with pytest.raises(ImageError, match=r"16384x1 image is too large for WEBP \(at most 16383 pixels a side\)"):
-        encode_image(wide, "webp")
-    assert encode_image(wide[:, :16383], "webp")[:4] == b"RIFF"
-    assert encode_image(wide, "jpeg")[:2] == b"\xff\xd8"  # JPEG goes to 65500
-    with pytest.raises(ImageError, match="too large for JPEG"):
-        encode_image(np.zeros((65501, 1, 3), dtype=np.uint8), "jpeg")
-    assert encode_image(wide, "png")[:4] == b"\x89PNG"
+def _pillow_pixels(data: bytes) -> tuple[tuple[int, int], str, np.ndarray]:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size, im.format, np.asarray(im)
+
+
+# (format, array shape, dtype, written: exact size and pixels | refused before encoding)
+OUTPUT_LIMITS = [
+    # PNG 8-bit RGB/RGBA: fpng up to 65535 a side; past it the zlib writer, never a truncated header.
+    ("png", (1, 65535, 3), np.uint8, True),
+    ("png", (65535, 1, 3), np.uint8, True),
+    ("png", (1, 65536, 3), np.uint8, True),
+    ("png", (65536, 1, 3), np.uint8, True),
+    ("png", (1, 70000, 3), np.uint8, True),  # fpng wrote this as 4464 wide
+    ("png", (40000, 1, 4), np.uint8, True),
+    ("png", (80000, 1, 4), np.uint8, True),  # the x2 of a 40000x1 input: fpng wrote a header of 14464 high
+    # PNG 16-bit and grey: the built-in writer, 32-bit header fields.
+    ("png", (1, 65536, 3), np.uint16, True),
+    ("png", (70000, 1), np.uint16, True),
+    ("png", (1, 70000), np.uint8, True),
+    ("png", (65536, 1, 2), np.uint8, True),
+    # JPEG: libjpeg's 65500.
+    ("jpeg", (1, 65500, 3), np.uint8, True),
+    ("jpeg", (65500, 1), np.uint8, True),
+    ("jpeg", (1, 65501, 3), np.uint8, False),
+    ("jpeg", (65501, 1, 3), np.uint8, False),
+    # WebP: 16383.
+    ("webp", (1, 16383, 3), np.uint8, True),
+    ("webp", (16383, 1, 4), np.uint8, True),
+    ("webp", (1, 16384, 3), np.uint8, False),
+    ("webp", (16384, 1, 3), np.uint8, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "shape", "dtype", "written"),
+    OUTPUT_LIMITS,
+    ids=[f"{f}-{'x'.join(map(str, s))}-{np.dtype(d).name}" for f, s, d, _ in OUTPUT_LIMITS],
+)
+def test_each_format_at_and_just_past_its_size_limits(strip, fmt, shape, dtype, written):
+    array = strip(shape, dtype)
+    height, width = shape[:2]
+    if not written:
+        with pytest.raises(ImageError, match=rf"{width}x{height} image is too large for {fmt.upper()} \(at most"):
+            encode_image(array, fmt)
+        return
+    data = encode_image(array, fmt)
+    size, pillow_format, pixels = _pillow_pixels(data)  # an independent decoder reads the size back
+    assert size == (width, height) and pillow_format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt]
+    if fmt != "png":
+        return
+    expected, back = DecodedImage.from_array(array), decode_image(data)  # lossless: every sample back, in place
+    assert (back.bit_depth, back.grey) == (expected.bit_depth, expected.grey)
+    np.testing.assert_array_equal(back.rgb, expected.rgb)
+    assert (back.alpha is None) == (expected.alpha is None)
+    if expected.alpha is not None:
+        np.testing.assert_array_equal(back.alpha, expected.alpha)
+    eight_bit_colour = dtype == np.uint8 and array.ndim == 3 and array.shape[2] in (3, 4)
+    if eight_bit_colour:
+        np.testing.assert_array_equal(pixels, array)  # and Pillow reads the same samples
+    assert (b"fdEC" in data[:64]) == (eight_bit_colour and max(height, width) <= 65535), "fpng's private chunk"
+
+
+def test_fpng_is_used_only_within_its_side_and_size_limits():
+    assert fpng_can_encode(1, 65535, 3) and fpng_can_encode(65535, 1, 4)
+    assert not fpng_can_encode(1, 65536, 3) and not fpng_can_encode(65536, 1, 4)
+    # (width * channels + 1) * height bytes of filtered rows: past 4 GiB fpng overflows a 32-bit buffer size and
+    # crashes the process; the limit stays at 2**31 - 1.
+    assert (65535 * 3 + 1) * 10922 < 2**31 <= (65535 * 3 + 1) * 10923
+    assert fpng_can_encode(10922, 65535, 3) and not fpng_can_encode(10923, 65535, 3)
+    assert fpng_can_encode(8192, 65535, 4) and not fpng_can_encode(8193, 65535, 4)
+    assert not fpng_can_encode(4, 4, 2)  # grey + alpha: not an fpng layout
+
+
+def test_output_size_check_covers_every_format_and_empty_images():
+    check_output_size(2**31 - 1, 1, "png")
+    with pytest.raises(ImageError, match="too large for PNG"):
+        check_output_size(2**31, 1, "png")
+    check_output_size(65500, 65500, "jpg")
+    with pytest.raises(ImageError, match="choose PNG"):
+        check_output_size(1, 16384, "webp")
+    with pytest.raises(ImageError, match="empty 0x3 image"):
+        check_output_size(0, 3, "png")
+    with pytest.raises(ImageError, match="empty"):
+        encode_image(np.zeros((0, 5, 3), np.uint8))  # fpng would return no bytes at all
+
+
+def _pillow_bytes(array: np.ndarray, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_encoded_size_reads_every_header_kind_the_encoders_write(coffee):
+    rgb, rgba = coffee[:37, :53], np.dstack([coffee[:37, :53], coffee[:37, :53, 0]])
+    cases = {
+        "png fpng": (encode_image(rgb), "png"),
+        "png zlib": (encode_image(rgb, png_compress_level=6), "png"),
+        "png 16-bit": (encode_image(rgb.astype(np.uint16) * 257), "png"),
+        "jpeg": (encode_image(rgb, "jpeg"), "jpeg"),
+        "jpeg grey": (encode_image(rgb[..., 0], "jpeg"), "jpeg"),
+        "jpeg progressive": (_pillow_bytes(rgb, "JPEG", progressive=True), "jpeg"),
+        "webp lossy (VP8)": (encode_image(rgb, "webp"), "webp"),
+        "webp alpha (VP8X)": (encode_image(rgba, "webp"), "webp"),
+        "webp lossless (VP8L)": (_pillow_bytes(rgb, "WEBP", lossless=True), "webp"),
+    }
+    for name, (data, fmt) in cases.items():
+        with Image.open(io.BytesIO(data)) as im:
+            assert encoded_size(data, fmt) == im.size == (53, 37), name
+
+
+def test_an_encoder_output_of_another_size_is_an_error_not_a_file():
+    import fpng
+
+    # What fpng itself writes past 65535 a side: the low 16 bits of the width in the header.
+    wrapped = fpng.from_ndarray(np.zeros((1, 70000, 3), np.uint8))
+    assert encoded_size(wrapped, "png") == (4464, 1)
+    with pytest.raises(ImageError, match=r"PNG encoder wrote a header of 4464x1 for a 70000x1 image; refusing"):
+        check_encoded_size(wrapped, "png", 70000, 1)
+    zero = fpng.from_ndarray(np.zeros((1, 65536, 3), np.uint8))  # a width of 0 in the header
+    with pytest.raises(ImageError, match="no readable size for a 65536x1 image"):
+        check_encoded_size(zero, "png", 65536, 1)
+    with pytest.raises(ImageError, match="produced 0 bytes"):
+        check_encoded_size(b"", "png", 4, 4)
+    jpeg = encode_image(np.zeros((4, 6, 3), np.uint8), "jpeg")
+    check_encoded_size(jpeg, "jpeg", 6, 4)
+    with pytest.raises(ImageError, match="6x4 for a 4x6 image"):
+        check_encoded_size(jpeg, "jpeg", 4, 6)
+    with pytest.raises(ImageError, match="no JPEG frame header"):
+        check_encoded_size(jpeg[:20], "jpeg", 6, 4)
+    with pytest.raises(ImageError, match="no RIFF/WEBP header"):
+        check_encoded_size(jpeg, "webp", 6, 4)
 
 
 def test_a_trns_chunk_of_the_wrong_length_is_ignored_as_libpng_does():

@@ -7,6 +7,9 @@ import importlib.util
 import io
 import os
 import shutil
+import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -299,6 +302,9 @@ def test_job_usage_errors_exit_2(tmp_path, capsys):
     assert "no such folder or file" in capsys.readouterr().err
     assert _run_job(["--source", str(tmp_path), "--dest", "x", "--endpoint-url", "ftp://host"]) == 2
     assert "endpoint_url" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        _run_job(["--source", str(tmp_path), "--dest", "x", "--max-source-mb", "0"])
+    assert info.value.code == 2 and "--max-source-mb must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_special_files_in_a_source_are_reported_and_the_run_finishes(
@@ -336,3 +342,123 @@ def test_foreign_schemes_exit_2_before_anything_is_created(flag, tmp_path, capsy
         assert sorted(os.listdir(tmp_path)) == ["src"], "nothing may be created for a refused location"
     assert _run_job(["--source", "s3://bucket/photos", "--dest", str(tmp_path / "out")]) == 2
     assert "--source s3://bucket/photos: s3://bucket/key is not supported here" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images past the fast PNG writer's limits, and archives that lie
+
+
+def test_images_past_the_fast_png_writers_sides_are_stored_exactly(ray_local, strip, tmp_path):
+    src = tmp_path / "strips"
+    src.mkdir()
+    images = {"wide": strip((2, 70_000, 3)), "tall": strip((70_000, 2, 3))}  # fpng would store 4464 for 70000
+    for name, pixels in images.items():
+        (src / f"{name}.png").write_bytes(_png(pixels))
+    root = str(tmp_path / "root")
+    report = ingest([str(src)], root, dataset="Strips", scales=(2,), progress=False)
+    assert report.failed == [] and report.ok == 2
+    manifest = read_manifest(root).set_index("id")
+    for name, pixels in images.items():
+        row = manifest.loc[name]
+        with Image.open(Path(root) / row["hr_key"]) as im:
+            assert (row["hr_width"], row["hr_height"]) == im.size == (pixels.shape[1], pixels.shape[0])
+            np.testing.assert_array_equal(np.asarray(im), pixels)
+        with Image.open(Path(root) / row["lr_x2_key"]) as im:
+            assert (row["lr_x2_width"], row["lr_x2_height"]) == im.size == (pixels.shape[1] // 2, pixels.shape[0] // 2)
+            np.testing.assert_array_equal(np.asarray(im), imresize(pixels, output_shape=(im.height, im.width)))
+
+
+def _patch_zip_sizes(path: Path, member: str, *, file_size: int | None = None, compress_size: int | None = None):
+    """Rewrite the sizes ``member`` declares, in its local header and its central directory entry, as a forger would
+    (the CRC stays that of the real data)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        local = archive.getinfo(member).header_offset
+    end = data.rfind(b"PK\x05\x06")  # end of central directory: entry count at +10, directory offset at +16
+    count, pos = struct.unpack("<H", data[end + 10 : end + 12])[0], struct.unpack("<I", data[end + 16 : end + 20])[0]
+    for _ in range(count):
+        name_len, extra_len, comment_len = struct.unpack("<HHH", data[pos + 28 : pos + 34])
+        if data[pos + 46 : pos + 46 + name_len].decode() == member:
+            break
+        pos += 46 + name_len + extra_len + comment_len
+    else:
+        raise AssertionError(f"{member} not in the central directory")
+    assert data[local : local + 4] == b"PK\x03\x04" and data[pos : pos + 4] == b"PK\x01\x02"
+    for header, offsets in ((local, (18, 22)), (pos, (20, 24))):  # (compressed size, uncompressed size)
+        if compress_size is not None:
+            struct.pack_into("<I", data, header + offsets[0], compress_size)
+        if file_size is not None:
+            struct.pack_into("<I", data, header + offsets[1], file_size)
+    path.write_bytes(bytes(data))
+
+
+def _zeros_member(archive: zipfile.ZipFile, name: str, mib: int) -> None:
+    """A member of ``mib`` MiB of zeros, written in 1 MiB pieces (deflate makes it ~1000x smaller)."""
+    with archive.open(name, "w") as member:
+        for _ in range(mib):
+            member.write(bytes(1 << 20))
+
+
+def test_zip_members_that_lie_or_break_fail_by_name_and_the_others_are_ingested(photos, ray_local, tmp_path):
+    archive_path = tmp_path / "DIV2K_train_HR.zip"
+    good = {i: _png(np.ascontiguousarray(photos["coffee"][:48, 8 * i : 8 * i + 60])) for i in range(1, 9)}
+
+    def name(i: int) -> str:
+        return f"DIV2K_train_HR/{i:04d}.png"
+
+    with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i in (1, 4, 6, 7, 8):
+            archive.writestr(name(i), good[i])
+        _zeros_member(archive, name(2), 64)  # will declare 1000 bytes
+        _zeros_member(archive, name(3), 16)  # honest, but over the 8 MiB limit of this run
+        archive.writestr(zipfile.ZipInfo(name(5)), good[5], compress_type=zipfile.ZIP_BZIP2)
+    with zipfile.ZipFile(archive_path) as archive:
+        half = archive.getinfo(name(4)).compress_size // 2
+    _patch_zip_sizes(archive_path, name(2), file_size=1000)
+    _patch_zip_sizes(archive_path, name(4), compress_size=half)  # its compressed data ends early
+    _patch_zip_sizes(archive_path, name(6), file_size=len(good[6]) + 5000)  # declares more than it holds
+
+    root = "s3://edsr/ingest-tests/lying-zip"
+    report = ingest([str(archive_path)], root, scales=(2,), progress=False, max_source_bytes=8 << 20)
+    reasons = dict(report.failed)
+    expected = {
+        2: "does not match the size (1,000 bytes)",
+        3: f"{16 << 20:,} bytes is larger than the {8 << 20:,} allowed",
+        4: "corrupt archive member",
+        5: "compression method 12 is not read; only stored and deflate members are",
+        6: f"the archive declares {len(good[6]) + 5000:,} bytes; its data holds {len(good[6]):,}",
+    }
+    assert set(reasons) == {f"{archive_path}:{name(i)}" for i in expected}, report.failed
+    for i, words in expected.items():
+        assert words in reasons[f"{archive_path}:{name(i)}"], reasons
+    assert report.ok == 3 and sorted(read_manifest(root)["id"]) == ["0001", "0007", "0008"]
+    stored = _decode(storage.read_bytes(f"{root}/DIV2K_train_HR/0007.png"))
+    np.testing.assert_array_equal(stored, _decode(good[7]))
+
+
+@pytest.mark.slow
+def test_a_member_inflating_to_a_gibibyte_is_read_in_bounded_memory(tmp_path):
+    """The peak memory of ingesting a member that declares 1000 bytes and inflates to 1 GiB, measured in a fresh
+    process: zipfile's one-call read used to inflate it all (2 GB more) before its checksum failed."""
+    archive_path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        _zeros_member(archive, "DIV2K_train_HR/0001.png", 1024)
+    _patch_zip_sizes(archive_path, "DIV2K_train_HR/0001.png", file_size=1000)
+    # One image's whole ingest (what each Ray task of a run does), in a fresh process.
+    code = (
+        "import resource\n"
+        "from edsr_ray.ingest import Item, SourceFile, _Task, ingest_item\n"
+        f"hr = SourceFile({str(archive_path)!r}, 'DIV2K_train_HR/0001.png')\n"
+        f"task = _Task(Item('DIV2K', 'train', '0001', 1, hr), (2,), {str(tmp_path / 'root')!r}, None, frozenset(), "
+        "False, None)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "result = ingest_item(task)\n"
+        "print(result.failed[0][1] if result.failed and result.row is None else 'ingested?')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"  # KiB on Linux
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    message, grown_kib = result.stdout.strip().splitlines()
+    assert f"{archive_path}:DIV2K_train_HR/0001.png" in message and "does not match the size" in message
+    assert not (tmp_path / "root").exists()
+    assert int(grown_kib) < 32 * 1024, f"reading grew the process by {int(grown_kib) / 1024:.0f} MiB"

@@ -328,6 +328,8 @@ BAD_REQUESTS = [
     ("unloadable-model", {"scale": 2, "model": "missing"}, {"content": "good"}, 503, "ModelLoadError"),
     # 4096 x 9 is within the pixel limit, but its x4 result is 16384 pixels wide: more than WebP can store.
     ("too-wide-for-webp", {"scale": 4, "format": "webp"}, {"content": "wide"}, 422, "too large for WEBP"),
+    # 16376 x 1: its x4 result is 65504 wide, 4 more than JPEG can store.
+    ("too-wide-for-jpeg", {"scale": 4, "format": "jpeg"}, {"content": "jpeg-wide"}, 422, "too large for JPEG"),
 ]
 
 
@@ -346,6 +348,7 @@ def test_bad_requests_get_their_status_and_a_json_error(client, image, params, k
                 "truncated": lambda: good[: len(good) // 2],
                 "good": lambda: good,
                 "wide": lambda: encode_image(np.zeros((9, 4096, 3), np.uint8)),
+                "jpeg-wide": lambda: encode_image(np.zeros((1, 16376, 3), np.uint8)),
             }[content]()
         }
     response = client.post("/v1/upscale", params=params, **kwargs)
@@ -354,6 +357,64 @@ def test_bad_requests_get_their_status_and_a_json_error(client, image, params, k
     assert words in response.json()["error"]
     # The replica keeps serving after every refusal.
     assert client.post("/v1/upscale", params={"scale": 2}, content=good).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_png_past_the_fast_encoders_limits_comes_back_exact(client, nets, strip):
+    source = strip((1, 33_000, 3))  # x2: 66000 wide, past the 65535 a side the fast PNG writer can store
+    response = client.post("/v1/upscale", params={"scale": 2, "model": "x2"}, content=encode_image(source))
+    out = _decoded(response)
+    assert struct.unpack(">II", response.content[16:24]) == (66_000, 2)  # the IHDR itself
+    np.testing.assert_array_equal(out.rgb, upscale(nets["x2"], source, 2, tile=TILE))
+
+
+@pytest.mark.slow
+def test_outputs_jpeg_and_webp_cannot_store_are_refused_before_any_compute(client, strip):
+    def model_calls() -> tuple[int, int]:
+        stats = client.get("/v1/models").json()["stats"]
+        return stats["single_images"], sum(int(size) * n for size, n in stats["batches"].items())
+
+    before = model_calls()
+    for fmt, width, words in (("jpeg", 16_376, "65504x4 image is too large for JPEG"), ("webp", 4_096, "WEBP")):
+        png = encode_image(strip((1, width, 3)))
+        response = client.post("/v1/upscale", params={"scale": 4, "format": fmt}, content=png)
+        assert response.status_code == 422 and words in response.json()["error"], response.text
+    assert model_calls() == before, "a refused request reached the model replica"
+    ok = client.post("/v1/upscale", params={"scale": 4, "format": "jpeg"}, content=encode_image(strip((1, 16_375, 3))))
+    assert ok.status_code == 200 and decode_image(ok.content).width == 65_500  # JPEG's limit itself is served
+
+
+def _raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one request sent as raw bytes on a loopback socket."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+            if "content-length" in headers and len(body) >= int(headers["content-length"]):
+                return int(lines[0].split()[1]), headers, body
+    raise AssertionError(f"incomplete answer: {answer[:200]!r}")
+
+
+@pytest.mark.slow
+def test_requests_the_http_server_refuses_before_the_app_are_as_the_readme_says(service, client):
+    """Ray Serve's HTTP server (uvicorn) answers requests it cannot parse itself, before the app: a plain-text 400
+    that no Serve option changes. The README's Serve section documents these answers; this keeps it true."""
+    port = int(service["url"].rsplit(":", 1)[1])
+    target = b"/healthz?q=" + b"a" * (65_535 - len(b"/healthz?q="))  # the longest request target it parses
+    assert _raw_http(port, b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 200
+    for request in (
+        b"GET " + target + b"a HTTP/1.1\r\nHost: t\r\n\r\n",  # one byte more
+        b"GET /healthz?q=" + b"a" * 65_536 + b" HTTP/1.1\r\nHost: t\r\n\r\n",  # a 64 KiB query string
+        b"POST /v1/upscale?scale=2 HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
+    ):
+        status, headers, body = _raw_http(port, request)
+        assert (status, headers["content-type"]) == (400, "text/plain; charset=utf-8")
+        assert body == b"Invalid HTTP request received."
+    assert client.get("/healthz").json() == {"status": "ok"}
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 from edsr_ray import tracking
 from edsr_ray.config import TrackingConfig
 from edsr_ray.errors import EdsrRayError
+from edsr_ray.imaging import decode_image
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_run_is_reused_until_finished_and_logs_land_in_artifact_root(store, tmp_
     logger.log_params({"train.lr": 1e-4, "model.n_feats": 8})
     logger.log_params({"train.lr": 1e-4})  # logging again on resume is not an error
     logger.log_metrics({"loss": 0.5, "nan": float("nan")}, step=3)
-    picture = np.zeros((8, 20, 3), np.uint8)
+    picture = (np.arange(8 * 20 * 3) % 251).astype(np.uint8).reshape(8, 20, 3)
     logger.log_image(picture, "validation/step_3.png")
     logger.end()
 
@@ -63,6 +64,8 @@ def test_run_is_reused_until_finished_and_logs_land_in_artifact_root(store, tmp_
     assert run.data.metrics == {"loss": 0.5}
     assert run.info.artifact_uri.startswith((tmp_path / "home" / "mlflow" / "artifacts").as_uri())
     assert [f.path for f in client.list_artifacts(run_id, "validation")] == ["validation/step_3.png"]
+    local = client.download_artifacts(run_id, "validation/step_3.png", str(tmp_path / "download"))
+    np.testing.assert_array_equal(decode_image(Path(local).read_bytes()).rgb, picture)  # the picture, losslessly
     # Resuming a finished run continues it; a fresh training run under the same key starts a new MLflow run.
     assert tracking.find_or_create_run(cfg, "runs/a", "a", store, resume=True) == run_id
     assert mlflow.MlflowClient(tracking_uri=store).get_run(run_id).info.status == "RUNNING"

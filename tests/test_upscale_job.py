@@ -499,6 +499,81 @@ def test_list_files_local_and_s3_entries_same_format_and_quality(s3, model_file,
         read_list_file(str(tmp_path / "wrong.parquet"))
 
 
+def _lossy(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt, quality=95)
+    return buffer.getvalue()
+
+
+def size_limit_inputs(strip) -> dict[str, tuple[bytes, str | None]]:
+    """Inputs whose x2 output is within or just past a format's limits ("same" format: each keeps its own), with the
+    words of their failure reason (None: the output must be written, at exactly twice the size)."""
+    return {
+        "png/wide.png": (encode_image(strip((1, 32768, 3))), None),  # 65536 wide: past fpng's sides
+        "png/tall.png": (encode_image(strip((35000, 1, 3))), None),  # 70000 high: fpng wrote 4464
+        "png/deep16.png": (encode_image(strip((1, 35000, 3), np.uint16)), None),  # 16 bit: the built-in writer
+        "jpeg/at.jpg": (_lossy(strip((1, 32750, 3)), "JPEG"), None),  # 65500 wide: JPEG's limit
+        "jpeg/past.jpg": (_lossy(strip((1, 32751, 3)), "JPEG"), "65502x2 image is too large for JPEG"),
+        "webp/within.webp": (_lossy(strip((8191, 1, 3)), "WEBP"), None),  # 16382 high
+        "webp/past.webp": (_lossy(strip((8192, 1, 3)), "WEBP"), "2x16384 image is too large for WEBP"),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_outputs_past_a_format_limit_fail_with_their_reason_the_others_are_exact(
+    request, mode, model_file, model, strip, tmp_path, capsys
+):
+    inputs = size_limit_inputs(strip)
+    src, out = tmp_path / "in", tmp_path / "out"
+    for key, (data, _) in inputs.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    extra = ["--local"] if mode == "local" else ["--workers", "1"]
+    if mode == "ray":
+        request.getfixturevalue("ray_cluster")
+    assert _main(["--model", model_file, "--input", src, "--output", out, "-q", *extra]) == 1  # as for any failure
+    assert "upscaled 5 images" in capsys.readouterr().out
+
+    rows = {Path(r["input"]).relative_to(src).as_posix(): r for r in pq.read_table(out / MANIFEST_NAME).to_pylist()}
+    assert set(rows) == set(inputs)
+    for key, (data, words) in inputs.items():
+        row, source = rows[key], decode_image(data)
+        assert (row["width"], row["height"]) == (source.width, source.height), key
+        if words is not None:
+            assert row["status"] == "failed" and key in row["reason"], row
+            assert f"its x2 output cannot be written: a {words}" in row["reason"], row
+            assert not (out / key).exists() and row["bytes"] is None
+            continue
+        assert row["status"] == "ok", row
+        written = (out / key).read_bytes()
+        assert row["bytes"] == len(written)
+        with Image.open(io.BytesIO(written)) as im:  # an independent reader of the header
+            assert im.size == (2 * source.width, 2 * source.height), key
+        if key.endswith(".png"):
+            assert_same_image(decode_image(written), expected_output(model, data), key)
+    assert decode_image((out / "png" / "deep16.png").read_bytes()).bit_depth == 16
+
+
+def test_an_output_its_format_cannot_store_fails_at_decoding_before_the_model_stage(strip):
+    images = {
+        "fits.jpg": _lossy(strip((1, 8200, 3)), "JPEG"),  # 16400 wide: JPEG and PNG, not WebP
+        "past.jpg": _lossy(strip((1, 32751, 3)), "JPEG"),
+        "past.png": encode_image(strip((1, 32751, 3))),
+    }
+    for fmt, failing in (("jpeg", {"past.jpg", "past.png"}), ("same", {"past.jpg"}), ("png", set()), ("webp", None)):
+        decoded = _decode_in_memory(images, scale=2, fmt=fmt)
+        rows = {r["input"]: r for r in decoded.drop_columns(["pixels"]).to_pylist()}
+        pixels = dict(zip(decoded.column("input").to_pylist(), decoded.column("pixels").to_pylist()))
+        refused = {name for name, row in rows.items() if row["reason"]}
+        assert refused == (failing if failing is not None else set(images)), fmt
+        for name in refused:  # no pixels travel on to the model stage; the input's size is kept for the manifest
+            assert "its x2 output cannot be written" in rows[name]["reason"] and pixels[name] == b""
+            assert rows[name]["width"] == decode_image(images[name]).width
+    # Without a scale (the stage on its own), nothing is refused for its output size.
+    assert not any(_decode_in_memory(images).column("reason").to_pylist())
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Library pieces
 
@@ -615,7 +690,7 @@ def test_model_stage_batches_same_size_images_and_equals_one_by_one(model, photo
         assert_same_image(unpack_image(row, buf), expected_output(model, images[row["input"]]), row["input"])
 
 
-def _decode_in_memory(images: dict[str, bytes]) -> pa.Table:
+def _decode_in_memory(images: dict[str, bytes], **options) -> pa.Table:
     """decode_batch on files written to a temporary folder (the stage reads through edsr_ray.storage)."""
     import tempfile
 
@@ -623,7 +698,7 @@ def _decode_in_memory(images: dict[str, bytes]) -> pa.Table:
         for name, data in images.items():
             Path(folder, name).write_bytes(data)
         tasks = pa.table({"input": [os.path.join(folder, n) for n in images], "output": list(images)})
-        decoded = decode_batch(tasks)
+        decoded = decode_batch(tasks, **options)
     names = {os.path.join(folder, n): n for n in images}
     return decoded.set_column(0, "input", pa.array([names[s] for s in decoded.column("input").to_pylist()]))
 
