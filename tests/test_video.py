@@ -24,7 +24,9 @@ import pytest
 from edsr_ray import storage
 from edsr_ray.errors import ConfigError
 from edsr_ray.video import (
+    CODECS,
     CONTAINERS,
+    OUTPUTS,
     Colour,
     EncodeSettings,
     Index,
@@ -924,11 +926,16 @@ def test_untagged_hd_video_is_read_as_bt709(tmp_path):
     assert not np.array_equal(got[0], decode_all(path)[0][1])  # the BT.601 reading differs
 
 
-def test_container_table_names_demuxers_for_every_readable_container():
+def test_container_tables_name_formats_ffmpeg_has():
     for container in CONTAINERS.values():
         assert container.name and container.description.startswith(("a ", "an "))
         if container.demuxer is not None:
             assert av.format.ContainerFormat(container.demuxer, "r") is not None
+    for output in OUTPUTS.values():
+        assert av.format.ContainerFormat(output.muxer, "w") is not None
+        assert CONTAINERS[output.name].demuxer is not None  # how the written file is read back
+        assert output.content_type.startswith("video/") and output.extension == f".{output.name}"
+        assert output.video <= set(CODECS)
 
 
 def test_clip_upscale_refuses_a_model_of_the_wrong_shape(video, tmp_path):

@@ -165,7 +165,7 @@ def _ebml_doctype(head: bytes) -> str | None:
 
 @dataclass(frozen=True)
 class OutputFormat:
-    """An output container: its FFmpeg muxer, extension and the codecs it holds.
+    """An output container: its FFmpeg muxer, extension, HTTP content type and the codecs it holds.
 
     ``video`` lists this library's codec names (see :data:`~edsr_ray.video.options.CODECS`); ``audio`` and
     ``subtitles`` FFmpeg codec names that are copied as they are. Other audio is re-encoded with ``audio_encoder``;
@@ -176,6 +176,7 @@ class OutputFormat:
     muxer: str
     extension: str
     description: str
+    content_type: str
     video: frozenset[str]
     audio: frozenset[str]
     subtitles: frozenset[str]
@@ -198,6 +199,7 @@ OUTPUTS: dict[str, OutputFormat] = {
             "mp4",
             ".mp4",
             "MP4",
+            "video/mp4",
             frozenset({"h264", "h265", "vp9", "av1", "ffv1"}),
             frozenset({"aac", "mp3", "opus", "flac", "ac3", "eac3", "alac"}),
             frozenset({"mov_text"}),
@@ -209,6 +211,7 @@ OUTPUTS: dict[str, OutputFormat] = {
             "mov",
             ".mov",
             "QuickTime",
+            "video/quicktime",
             frozenset({"h264", "h265"}),
             frozenset({"aac", "mp3", "ac3", "eac3", "alac", "pcm_s16be", "pcm_s24be"}) | _PCM,
             frozenset({"mov_text"}),
@@ -220,6 +223,7 @@ OUTPUTS: dict[str, OutputFormat] = {
             "matroska",
             ".mkv",
             "Matroska",
+            "video/x-matroska",
             frozenset({"h264", "h265", "vp9", "av1", "ffv1"}),
             frozenset({"aac", "mp3", "mp2", "opus", "vorbis", "flac", "ac3", "eac3", "dts", "truehd", "alac"}) | _PCM,
             frozenset({"subrip", "ass", "ssa", "webvtt", "hdmv_pgs_subtitle", "dvd_subtitle", "dvb_subtitle"}),
@@ -231,6 +235,7 @@ OUTPUTS: dict[str, OutputFormat] = {
             "webm",
             ".webm",
             "WebM",
+            "video/webm",
             frozenset({"vp9", "av1"}),
             frozenset({"opus", "vorbis"}),
             frozenset({"webvtt"}),
@@ -242,6 +247,7 @@ OUTPUTS: dict[str, OutputFormat] = {
             "mpegts",
             ".ts",
             "MPEG-TS",
+            "video/mp2t",
             frozenset({"h264", "h265"}),
             frozenset({"aac", "mp3", "mp2", "ac3", "eac3"}),
             frozenset({"dvb_subtitle"}),
