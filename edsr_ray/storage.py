@@ -21,13 +21,16 @@ message that names the URI and the endpoint and never a secret.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
 import hashlib
+import io
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 import threading
@@ -35,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from edsr_ray.config import StorageConfig
@@ -674,6 +677,12 @@ def write_bytes(
         else:
             _multipart_upload(backend, uri, bucket, key, data)
         return
+    _publish_local(uri, lambda f: f.write(data))
+
+
+def _publish_local(uri: str | os.PathLike[str], fill: Callable[[BinaryIO], object]) -> None:
+    """Write a local file atomically: ``fill`` writes the content into a temporary file in the same folder, which
+    is flushed to disk and renamed over ``uri`` (parent folders are created)."""
     path = local_path(uri)
     if os.fspath(uri).endswith("/"):
         raise StorageError(f"cannot write {os.fspath(uri)}: the path ends with '/'")
@@ -682,7 +691,7 @@ def write_bytes(
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             # On disk before the rename: after a crash the name must never point at an empty file that a resumed
             # job would take for finished work.
             f.flush()
@@ -698,15 +707,17 @@ def write_bytes(
                 os.unlink(tmp)
 
 
-def _multipart_upload(backend: _Backend, uri: str, bucket: str, key: str, data: bytes) -> None:
+def _multipart_upload(backend: _Backend, uri: str, bucket: str, key: str, data: bytes | Iterator[bytes]) -> None:
+    """Upload ``data`` (the whole content, or its parts in order: each at least S3's 5 MiB but the last) in parts."""
+    if isinstance(data, bytes):
+        view = memoryview(data)
+        data = (view[start : start + MULTIPART_CHUNK].tobytes() for start in range(0, len(view), MULTIPART_CHUNK))
     client = backend.client
     upload = _s3_call("write", uri, backend, lambda: client.create_multipart_upload(Bucket=bucket, Key=key))
     upload_id = upload["UploadId"]
     try:
         parts = []
-        view = memoryview(data)
-        for number, start in enumerate(range(0, len(data), MULTIPART_CHUNK), start=1):
-            chunk = view[start : start + MULTIPART_CHUNK].tobytes()
+        for number, chunk in enumerate(data, start=1):
             part = _s3_call(
                 "write",
                 uri,
@@ -906,3 +917,118 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Large files: reading in ranges, publishing from a local file
+
+RANGE_BLOCK = 8 << 20  # bytes of one ranged GET: few requests for a video's scattered reads, bounded memory
+
+
+def open_reader(
+    uri: str | os.PathLike[str],
+    cfg: StorageConfig | None = None,
+    *,
+    block_size: int = RANGE_BLOCK,
+    cache_blocks: int = 4,
+) -> io.RawIOBase:
+    """A seekable, read-only binary file object over a file or object, for files read in pieces rather than whole (a
+    video's index at its end, then one segment's bytes). Close it after use.
+
+    Local: opened after the same regular-file checks as :func:`read_bytes`. S3: read in aligned blocks of
+    ``block_size`` bytes by ranged GETs, each retried and time-bounded like :func:`read_bytes`, the last
+    ``cache_blocks`` blocks kept; an object replaced while it is read fails by name (its ETag changes) instead of
+    mixing two versions. Not bounded by ``max_read_bytes``: this is for files too large to read whole, and memory
+    stays at ``block_size * cache_blocks``.
+    """
+    if block_size < 1 or cache_blocks < 1:
+        raise StorageError(f"open_reader needs block_size and cache_blocks >= 1, got {block_size}, {cache_blocks}")
+    if not is_s3(uri):
+        with _open_regular(uri) as (fd, _):
+            return os.fdopen(os.dup(fd), "rb", buffering=0)  # the checked descriptor, open beyond this block
+    bucket, key = _object(uri)
+    return _RangeReader(os.fspath(uri), bucket, key, _backend(cfg), block_size, cache_blocks)
+
+
+class _RangeReader(io.RawIOBase):
+    """One S3 object as a seekable raw stream of cached, block-aligned ranged GETs."""
+
+    def __init__(self, uri: str, bucket: str, key: str, backend: _Backend, block_size: int, cache_blocks: int):
+        super().__init__()
+        head = _s3_call("read", uri, backend, lambda: backend.client.head_object(Bucket=bucket, Key=key))
+        self.name, self.size, self.etag = uri, int(head["ContentLength"]), head.get("ETag")
+        self.requests = 0  # ranged GETs made so far
+        self._request = {"Bucket": bucket, "Key": key}
+        self._backend, self._block_size, self._cache_blocks = backend, block_size, cache_blocks
+        self._blocks: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise StorageError(f"cannot seek {self.name} to a negative position ({base + offset})")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self._pos < self.size:
+            number, offset = divmod(self._pos, self._block_size)
+            block = self._block(number)
+            n = min(len(view) - done, len(block) - offset)
+            view[done : done + n] = block[offset : offset + n]
+            done += n
+            self._pos += n
+        return done
+
+    def _block(self, number: int) -> bytes:
+        if number in self._blocks:
+            self._blocks.move_to_end(number)
+            return self._blocks[number]
+        start = number * self._block_size
+        end = min(self.size, start + self._block_size)
+        request = {**self._request, "Range": f"bytes={start}-{end - 1}"}
+        data, response = _get_object(self._backend, self.name, request, end - start)
+        self.requests += 1
+        if response.get("ETag") != self.etag or len(data) != end - start:
+            raise StorageError(f"cannot read {self.name}: the object changed while it was being read")
+        self._blocks[number] = data
+        if len(self._blocks) > self._cache_blocks:
+            self._blocks.popitem(last=False)
+        return data
+
+
+def write_file(uri: str | os.PathLike[str], source: str | os.PathLike[str], cfg: StorageConfig | None = None) -> None:
+    """Publish the local file ``source`` at ``uri`` so that readers see the old content or all of the new, never a
+    partial file (as :func:`write_bytes`, for files too large to hold in memory).
+
+    Local: copied into a temporary file in the destination's folder, flushed to disk, renamed over the destination.
+    S3: one PUT below the multipart threshold, else a multipart upload read from the file one part at a time, which
+    S3 publishes only when complete (and which is aborted on failure). ``source`` is left in place.
+    """
+    src = local_path(source)
+    size = _stat_regular(src, os.fspath(source)).st_size
+    if is_s3(uri):
+        bucket, key = _object(uri)
+        if key.endswith("/"):
+            raise StorageError(f"cannot write {uri}: the key ends with '/'")
+        backend = _backend(cfg)
+        with open(src, "rb") as f:
+            if size < MULTIPART_THRESHOLD:
+                data = f.read()
+                _s3_call("write", uri, backend, lambda: backend.client.put_object(Bucket=bucket, Key=key, Body=data))
+            else:
+                _multipart_upload(backend, uri, bucket, key, iter(lambda: f.read(MULTIPART_CHUNK), b""))
+        return
+    with open(src, "rb") as f:
+        _publish_local(uri, lambda out: shutil.copyfileobj(f, out, READ_CHUNK))

@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
@@ -189,6 +190,98 @@ def test_s3_large_objects_use_multipart_upload(prefix, monkeypatch):
     client = storage.s3_client()
     assert client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"').endswith("-3")  # a 3-part upload
     assert not client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Large files: publishing a local file, reading in ranges
+
+
+def test_write_file_publishes_a_local_file_atomically(tmp_path, special_files):
+    source = tmp_path / "joined.mkv"
+    source.write_bytes(os.urandom(3 * storage.READ_CHUNK + 17))  # several copy chunks
+    target = tmp_path / "out" / "deep" / "film.mkv"
+    storage.write_file(str(target), source)
+    assert target.read_bytes() == source.read_bytes() and source.exists()  # the source stays
+    source.write_bytes(b"second version")
+    storage.write_file(f"file://{target}", str(source))
+    assert target.read_bytes() == b"second version"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["film.mkv"]  # no temporary file left
+    reference = tmp_path / "reference"
+    reference.write_bytes(b"")
+    assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
+    with pytest.raises(StorageError, match="ends with '/'"):
+        storage.write_file(f"{tmp_path}/out/", source)
+    with pytest.raises(NotFoundError, match=r"nope\.mkv: no such file"):
+        storage.write_file(str(target), tmp_path / "nope.mkv")
+    special = tmp_path / "special"
+    special.mkdir()
+    special_files(special)
+    with pytest.raises(storage.NotRegularFileError, match=r"fifo\.png: not a regular file: a FIFO"):
+        storage.write_file(str(target), special / "fifo.png")
+    assert target.read_bytes() == b"second version"
+
+
+def test_write_file_uploads_large_files_in_parts_from_disk(prefix, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 6 * 1024 * 1024)
+    monkeypatch.setattr(storage, "MULTIPART_CHUNK", 5 * 1024 * 1024)
+    client = storage.s3_client()
+    for size, parts in ((11 * 1024 * 1024, 3), (1000, None)):
+        source = tmp_path / f"{size}.bin"
+        source.write_bytes(os.urandom(size))
+        uri = f"{prefix}/films/{size}.bin"
+        storage.write_file(uri, source)
+        assert storage.read_bytes(uri) == source.read_bytes()
+        bucket, key = storage.split_s3(uri)
+        etag = client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        assert etag.endswith(f"-{parts}") if parts else "-" not in etag  # a 3-part upload, or one PUT
+        assert not client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads")
+    with pytest.raises(StorageError, match="ends with '/'"):
+        storage.write_file(f"{prefix}/films/", source)
+
+
+def test_open_reader_reads_any_range_of_files_and_objects(prefix, tmp_path):
+    data = os.urandom(300_000)
+    path = tmp_path / "video.bin"
+    path.write_bytes(data)
+    uri = f"{prefix}/video.bin"
+    storage.write_bytes(uri, data)
+    rng = np.random.default_rng(3)
+    for where in (str(path), uri):
+        with storage.open_reader(where, block_size=64 << 10, cache_blocks=2) as reader:
+            assert reader.seekable() and reader.readable()
+            for _ in range(30):
+                start, n = int(rng.integers(0, len(data))), int(rng.integers(0, 100_000))
+                assert reader.seek(start) == start
+                assert reader.read(n) == data[start : start + n]
+                assert reader.tell() == min(start + n, len(data))
+            reader.seek(-10, os.SEEK_END)
+            assert reader.read() == data[-10:] and reader.read(5) == b""
+    with storage.open_reader(uri, block_size=64 << 10, cache_blocks=2) as reader:
+        assert reader.read() == data
+        assert reader.requests == 5  # ceil(300,000 / 65,536) ranged GETs, each block once
+        reader.seek(0)
+        reader.read(10)
+        assert reader.requests == 6  # block 0 had left the two-block cache
+        with pytest.raises(StorageError, match="negative position"):
+            reader.seek(-1)
+
+
+def test_open_reader_fails_by_name_on_missing_special_and_replaced_files(prefix, tmp_path, special_files):
+    with pytest.raises(NotFoundError, match=re.escape(f"{prefix}/nope.bin")):
+        storage.open_reader(f"{prefix}/nope.bin")
+    with pytest.raises(NotFoundError, match=r"nope\.bin"):
+        storage.open_reader(str(tmp_path / "nope.bin"))
+    special_files(tmp_path)
+    with pytest.raises(storage.NotRegularFileError, match=r"fifo\.png: not a regular file: a FIFO"):
+        storage.open_reader(str(tmp_path / "fifo.png"))
+    uri = f"{prefix}/replaced.bin"
+    storage.write_bytes(uri, b"a" * 100_000)
+    with storage.open_reader(uri, block_size=50_000, cache_blocks=1) as reader:
+        assert reader.read(10) == b"a" * 10
+        storage.write_bytes(uri, b"b" * 100_000)  # replaced while it is being read
+        reader.seek(60_000)
+        with pytest.raises(StorageError, match=r"replaced\.bin: the object changed while it was being read"):
+            reader.read(10)
 
 
 def test_pyarrow_and_boto3_see_the_same_objects(prefix):
