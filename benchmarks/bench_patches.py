@@ -312,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from edsr_ray import data, storage
     from edsr_ray.config import DataConfig
+    from edsr_ray.infra.objectstore import EmbeddedS3
     from edsr_ray.ingest import ingest
-    from edsr_ray.objectstore import EmbeddedS3
 
     work = Path(args.work_dir)
     scale = 2

@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from edsr_ray.infra.objectstore import EmbeddedS3
     from edsr_ray.ingest import ingest
-    from edsr_ray.objectstore import EmbeddedS3
     from edsr_ray.quickstart import build_sample_set
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -362,7 +362,7 @@ def main() -> None:
 
     import ray
 
-    from edsr_ray.objectstore import EmbeddedS3
+    from edsr_ray.infra.objectstore import EmbeddedS3
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     on_gpu = torch.cuda.is_available()

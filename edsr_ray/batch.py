@@ -41,9 +41,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from edsr_ray import storage
-from edsr_ray.config import InferenceConfig, StorageConfig, to_dict
-from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
-from edsr_ray.raycluster import ensure_ray
+from edsr_ray.config import InferenceConfig, to_dict
+from edsr_ray.errors import ConfigError, EdsrRayError, Interrupted, StorageError
+from edsr_ray.infra.ray import ensure_ray
+from edsr_ray.storage import StorageConfig
 from edsr_ray.upscaling import (
     IGNORED_EXAMPLES,
     MANIFEST_NAME,
@@ -81,7 +82,7 @@ CPU_ACTOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30
 LOGGED_FAILURES = 50
 
 
-class UpscaleInterrupted(EdsrRayError):
+class UpscaleInterrupted(Interrupted):
     """The pipeline stopped part-way (a cluster or storage failure); outputs written so far are complete and kept.
 
     ``summary`` describes what was done (its manifest and summary files are written).

@@ -44,9 +44,10 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from edsr_ray import storage as storage_lib
-from edsr_ray.config import SCALES, DataConfig, StorageConfig
+from edsr_ray.config import SCALES, DataConfig
 from edsr_ray.errors import EdsrRayError, ImageError, ImageTooLargeError
 from edsr_ray.imaging import MAX_PIXELS_DEFAULT, decode_image
+from edsr_ray.storage import StorageConfig
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -48,11 +48,12 @@ from typing import Any
 import numpy as np
 
 from edsr_ray import storage
-from edsr_ray.config import PRECISIONS, SCALES, StorageConfig, from_dict, to_dict
+from edsr_ray.config import PRECISIONS, SCALES, from_dict, to_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
 from edsr_ray.imaging import IMAGE_SUFFIXES, decode_image, encode_image, imresize
+from edsr_ray.infra.ray import ensure_ray
 from edsr_ray.metrics import PROTOCOLS, psnr, ssim
-from edsr_ray.raycluster import ensure_ray
+from edsr_ray.storage import StorageConfig
 
 logger = logging.getLogger(__name__)
 

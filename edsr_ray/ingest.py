@@ -65,10 +65,11 @@ import numpy as np
 
 from edsr_ray import data as data_lib
 from edsr_ray import storage as storage_lib
-from edsr_ray.config import SCALES, StorageConfig
+from edsr_ray.config import SCALES
 from edsr_ray.errors import EdsrRayError, ImageError, StorageError
 from edsr_ray.imaging import IMAGE_SUFFIXES, decode_image, encode_image, imresize
-from edsr_ray.raycluster import ensure_ray
+from edsr_ray.infra.ray import ensure_ray
+from edsr_ray.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 

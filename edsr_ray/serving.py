@@ -40,9 +40,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from edsr_ray import __version__
-from edsr_ray.config import PRECISIONS, SCALES, StorageConfig, from_dict, read_config_text, to_dict
+from edsr_ray.config import PRECISIONS, SCALES, from_dict, read_config_text, to_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, ImageError, ImageTooLargeError, LocationError
-from edsr_ray.storage import MODEL_LOCATIONS, location_kind
+from edsr_ray.storage import MODEL_LOCATIONS, StorageConfig, location_kind
 
 logger = logging.getLogger(__name__)
 

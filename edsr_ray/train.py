@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from edsr_ray import data as data_lib
 from edsr_ray import tracking
 from edsr_ray.config import ExperimentConfig, flatten, from_dict, to_dict
-from edsr_ray.errors import EdsrRayError
+from edsr_ray.errors import EdsrRayError, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +321,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    from edsr_ray.infra.ray import forward_logs
     from edsr_ray.models import build_model, init_from, load_matching
 
     cfg = from_dict(ExperimentConfig, loop_config["config"], source="train_loop_config")
@@ -352,6 +353,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         update.load_state(train_state)
         _set_rng_state(train_state["rng"])
 
+    if loop_config.get("log_mailbox") is not None:  # the driver shows this worker's progress
+        forward_logs(loop_config["log_mailbox"], f"rank {rank}")
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
         tracker = tracking.RunLogger(loop_config["mlflow_run_id"], loop_config["tracking_uri"])
@@ -494,7 +497,7 @@ def _storage_for_run(cfg: ExperimentConfig) -> tuple[str, Any]:
     """Ray Train storage path + filesystem: a local folder (absolute) or an S3 prefix through our settings."""
     from edsr_ray import storage
 
-    path = cfg.run.storage_path
+    path = cfg.run.location
     if storage.is_s3(path):
         fs, fs_path = storage.resolve_pyarrow(path, cfg.storage)
         return fs_path, fs
@@ -507,7 +510,7 @@ def _has_checkpoints(cfg: ExperimentConfig) -> bool:
     """Whether the run already wrote a checkpoint (Ray Train will then resume it)."""
     from edsr_ray import storage
 
-    base = cfg.run.storage_path
+    base = cfg.run.location
     run_dir = storage.join(base, cfg.run.name) if storage.is_s3(base) else str(storage.local_path(base) / cfg.run.name)
     try:
         return any(uri.endswith("/" + TRAIN_STATE) for uri in storage.list_files(run_dir, cfg.storage))
@@ -529,17 +532,18 @@ def preflight(cfg: ExperimentConfig) -> str:
 
 def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutcome:
     """Build and fit the ``TorchTrainer``; register the final and best models in MLflow."""
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from edsr_ray.infra.ray import relayed_logs
+
     uri = preflight(cfg)
     storage_path, storage_fs = _storage_for_run(cfg)
-    run_key = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    run_key = f"{cfg.run.location.rstrip('/')}/{cfg.run.name}"
     resume = _has_checkpoints(cfg)
     run_id = tracking.find_or_create_run(cfg.tracking, run_key, cfg.run.name, uri, resume=resume)
     if resume:
-        log.info("run %s has checkpoints in %s: resuming from the latest", cfg.run.name, cfg.run.storage_path)
+        log.info("run %s has checkpoints in %s: resuming from the latest", cfg.run.name, cfg.run.location)
     logger = tracking.RunLogger(run_id, uri)
     logger.log_params({**flatten(cfg), "config_source": source})
     logger.log_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), "config.json")
@@ -552,34 +556,43 @@ def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutco
     resources = {"CPU": workers.cpus_per_worker}
     if workers.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "tracking_uri": uri, "mlflow_run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers.num_workers,
-            use_gpu=workers.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=workers.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.run.num_to_keep,
-                checkpoint_score_attribute="val_psnr",
-                checkpoint_score_order="max",
+    with relayed_logs() as mailbox:  # the workers' progress, shown by this driver
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": to_dict(cfg),
+                "tracking_uri": uri,
+                "mlflow_run_id": run_id,
+                "log_mailbox": mailbox,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers.num_workers,
+                use_gpu=workers.use_gpu,
+                resources_per_worker=resources,
+                placement_strategy=workers.placement_strategy,
             ),
-        ),
-        datasets={"train": train_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        logger.end("FAILED")
-        raise EdsrRayError(f"training run {cfg.run.name!r} failed: {exc}") from exc
+            run_config=ray.train.RunConfig(
+                name=cfg.run.name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=cfg.run.num_to_keep,
+                    checkpoint_score_attribute="val_psnr",
+                    checkpoint_score_order="max",
+                ),
+            ),
+            datasets={"train": train_ds},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            logger.end("FAILED")
+            raise Interrupted(
+                f"training run {cfg.run.name!r} failed: {exc}; its checkpoints are kept, and running the same "
+                "command again resumes from the latest"
+            ) from exc
     outcome_state = result.return_value or {}
     if outcome_state.get("status") == "nonfinite":
         logger.end("FAILED")
@@ -624,8 +637,8 @@ def _register_models(cfg: ExperimentConfig, logger: tracking.RunLogger, final, b
 
 def train(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutcome:
     """Entry point for ``jobs/train.py``: connect to (or start) Ray, then run the training."""
-    from edsr_ray.raycluster import ensure_ray
+    from edsr_ray.infra.ray import ensure_ray
 
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    ensure_ray(log_to_driver=True, include_dashboard=True)
+    ensure_ray(include_dashboard=True)
     return run_training(cfg, source=source)

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from edsr_ray import storage
-from edsr_ray.config import InferenceConfig, StorageConfig, from_dict
+from edsr_ray.config import InferenceConfig, from_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, ImageError, LocationError, StorageError
 from edsr_ray.imaging import (
     FORMAT_EXTENSIONS,
@@ -47,6 +47,7 @@ from edsr_ray.imaging import (
     format_from_name,
     sniff,
 )
+from edsr_ray.storage import StorageConfig
 
 logger = logging.getLogger(__name__)
 

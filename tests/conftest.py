@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from edsr_ray.raycluster import quiet_environment
+from edsr_ray.infra.ray import quiet_environment
 
 quiet_environment()  # nothing the tests start may call outside the machine
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -69,7 +69,7 @@ def s3(tmp_path_factory):
     Its ``AWS_*`` variables (endpoint, credentials, region) are set in ``os.environ`` for the session, so
     ``edsr_ray.storage`` with ``cfg=None``, pyarrow, Ray workers and MLflow all reach it; they are restored afterwards.
     """
-    from edsr_ray.objectstore import EmbeddedS3
+    from edsr_ray.infra.objectstore import EmbeddedS3
 
     with EmbeddedS3(tmp_path_factory.mktemp("s3"), buckets=("edsr",)) as server, pytest.MonkeyPatch.context() as mp:
         for key, value in server.env().items():

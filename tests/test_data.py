@@ -258,7 +258,7 @@ def test_ranks_agree_on_every_batch_scale_whatever_their_shards_hold(tmp_path):
     import subprocess
     import sys
 
-    from edsr_ray.localcluster import free_ports
+    from edsr_ray.infra.localcluster import free_ports
 
     script = tmp_path / "rank.py"
     script.write_text(_AGREEMENT_RANK)

@@ -22,7 +22,7 @@ def store(tmp_path, monkeypatch):
     return uri
 
 
-def test_default_uri_is_absolute_sqlite_in_data_home(store, tmp_path):
+def test_default_uri_is_absolute_sqlite_in_the_project_home(store, tmp_path):
     assert store == f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}"
 
 

@@ -35,12 +35,13 @@ from edsr_ray.batch import (
     model_workers,
     run_upscale,
 )
-from edsr_ray.config import InferenceConfig, StorageConfig
+from edsr_ray.config import InferenceConfig
 from edsr_ray.errors import ConfigError, StorageError
 from edsr_ray.imaging import DecodedImage, decode_image, encode_image
 from edsr_ray.inference import upscale, upscale_decoded
 from edsr_ray.models import EDSR, MDSR, save_model
 from edsr_ray.samples import photo_bytes
+from edsr_ray.storage import StorageConfig
 from edsr_ray.upscaling import (
     MANIFEST_NAME,
     SUMMARY_NAME,

@@ -1,8 +1,8 @@
 """Jobs on a local multi-process Ray cluster, submitted the way users submit them.
 
 The cluster is a ``ray start --head`` node and a second ``ray start`` node on this machine
-(:mod:`edsr_ray.localcluster`: free ports everywhere, temp dirs of its own, token authentication on). Each job goes
-through the real command line::
+(:mod:`edsr_ray.infra.localcluster`: free ports everywhere, temp dirs of its own, token authentication on). Each job
+goes through the real command line::
 
     ray job submit --address http://127.0.0.1:PORT --working-dir . --runtime-env-json '{"env_vars": {...}}' \\
         --no-wait -- python jobs/XXX.py ...
@@ -43,7 +43,7 @@ import pytest
 import torch
 
 from edsr_ray import storage, tracking
-from edsr_ray.localcluster import LocalCluster, NodeSpec, find_ray
+from edsr_ray.infra.localcluster import LocalCluster, NodeSpec, find_ray
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
