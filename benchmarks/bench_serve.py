@@ -166,7 +166,8 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from edsr_ray.models import EDSR, edsr_baseline, save_model
+    from edsr_ray.models import EDSR, edsr_baseline
+    from edsr_ray.weights import save_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to PyTorch on this machine")

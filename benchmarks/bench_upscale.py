@@ -47,7 +47,8 @@ from torch import nn
 
 from edsr_ray import batch
 from edsr_ray.imaging import DecodedImage, check_encoded_size, decode_image
-from edsr_ray.models import EDSR, edsr_baseline, save_model
+from edsr_ray.models import EDSR, edsr_baseline
+from edsr_ray.weights import save_model
 from edsr_ray.upscaling import OutputOptions, encode_output
 
 LR_SHAPE = (270, 480)
@@ -207,7 +208,7 @@ def model_only_rate(model_path: str, source: str, inputs: int, plan: batch.Model
     """Images/s of the job's model stage in actors set up like the job's, on images decoded beforehand."""
     import ray
 
-    from edsr_ray.models import load_model, model_checkpoint
+    from edsr_ray.weights import load_model, model_checkpoint
     from edsr_ray.upscaling import UpscaleBatch, decode_batch, plan_tasks, tasks_table
 
     @ray.remote

@@ -347,7 +347,7 @@ def _ray_stream(tasks: list[Task], model: Any, work: _Work, compute: ComputeOpti
     """The three stages as one streaming Ray Data pipeline; yields manifest rows as outputs are written."""
     import ray
 
-    from edsr_ray.models import model_checkpoint
+    from edsr_ray.weights import model_checkpoint
 
     resources = ray.cluster_resources()
     plan = model_workers(resources, compute)
@@ -422,7 +422,7 @@ def run_upscale(
     ``on_rows`` is called with each batch of manifest rows as their outputs are written (monitoring, benchmarks).
     """
     from edsr_ray.inference import resolve_scale
-    from edsr_ray.models import load_model
+    from edsr_ray.weights import load_model
 
     started = time.perf_counter()
     inference = inference or InferenceConfig()

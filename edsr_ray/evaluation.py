@@ -8,7 +8,7 @@
   or any folder of HR images, whose LR inputs are made on the fly with the MATLAB-compatible :func:`imresize` after
   cropping the HR image to a multiple of the scale. DIV2K sets use the ``div2k`` protocol (RGB, border scale + 6), all
   others the ``benchmark`` protocol (Y, border scale), as in the paper.
-* **Models.** :class:`ModelSpec`: ``[LABEL=]SOURCE`` where SOURCE is anything :func:`~edsr_ray.models.load_model`
+* **Models.** :class:`ModelSpec`: ``[LABEL=]SOURCE`` where SOURCE is anything :func:`~edsr_ray.weights.load_model`
   reads, or ``bicubic`` (the baseline row: ``imresize(lr, scale)``). An MDSR model is evaluated at every requested
   scale it has; an EDSR model only at its own (its other cells read ``n/a``). Single-scale models given one label
   share a column, each filling its scale (``EDSR=edsr_x2.pt EDSR=edsr_x3.pt EDSR=edsr_x4.pt`` is the paper's "EDSR").
@@ -551,7 +551,7 @@ class ImageEvaluator:
     item's scale, so each image pair is read and decoded once for all the table's columns.
 
     ``models``: ``{"checkpoint", "scales", "variants": [{"label", "self_ensemble"}]}`` per model, where the checkpoint
-    is a dict from :func:`~edsr_ray.models.model_checkpoint`, a Ray object reference to one, or ``None`` for the
+    is a dict from :func:`~edsr_ray.weights.model_checkpoint`, a Ray object reference to one, or ``None`` for the
     bicubic baseline. The networks are built once, in ``__init__``. Each input row gives one output row per column
     that has its scale: metrics and timing, or the failure reason.
     """
@@ -568,7 +568,7 @@ class ImageEvaluator:
         pictures: bool = False,
     ):
         from edsr_ray.inference import OUT_OF_MEMORY_ERRORS, Upscaler
-        from edsr_ray.models import load_model
+        from edsr_ray.weights import load_model
 
         self._model_errors = (*_ITEM_ERRORS, *OUT_OF_MEMORY_ERRORS)
         self.cfg = from_dict(StorageConfig, storage_config) if storage_config is not None else None
@@ -666,7 +666,7 @@ def _reason(exc: Exception, item: Mapping[str, Any]) -> str:
 
 def resolve_models(specs: Sequence[ModelSpec], ensemble: str, cfg: StorageConfig | None) -> list[_ResolvedModel]:
     """Load every model once (a bad file fails here, by name) and decide its table columns."""
-    from edsr_ray.models import load_model, model_checkpoint
+    from edsr_ray.weights import load_model, model_checkpoint
 
     out: list[_ResolvedModel] = []
     for spec in specs:

@@ -456,7 +456,7 @@ class EdsrModel:
 
     async def _load(self, name: str) -> _Loaded:
         from edsr_ray.inference import Upscaler
-        from edsr_ray.models import load_model
+        from edsr_ray.weights import load_model
 
         source = self._settings.models.get(name)
         if source is None:  # the ingress checks names; this guards direct handle calls

@@ -9,7 +9,7 @@ workers takes ``batch_size / num_workers`` patches per update and DDP averages t
 same number of patches whatever the cluster size, and the paper's learning-rate schedule applies unchanged.
 
 Checkpoints (every ``train.val_every`` updates, after validation) hold ``model.pt`` (weights + full model config:
-:func:`edsr_ray.models.load_model` reads the checkpoint folder directly), ``train_state.pt`` (optimizer, scheduler,
+:func:`edsr_ray.weights.load_model` reads the checkpoint folder directly), ``train_state.pt`` (optimizer, scheduler,
 step, RNG states) and ``meta.json``. Re-running the same ``run.name`` + ``run.storage_path`` resumes from the latest
 checkpoint with the scheduler restored as saved: the learning rate continues exactly where it was (no double decay).
 """
@@ -282,7 +282,7 @@ def save_checkpoint(
     directory: Path, model: torch.nn.Module, update: UpdateStep, step: int, meta: dict[str, Any]
 ) -> None:
     """Write a complete training checkpoint into ``directory`` (plain tensors and types: loads with weights_only)."""
-    from edsr_ray.models import save_model
+    from edsr_ray.weights import save_model
 
     save_model(model, directory / "model.pt")
     torch.save(
@@ -322,7 +322,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     from edsr_ray.infra.ray import forward_logs
-    from edsr_ray.models import build_model, init_from, load_matching
+    from edsr_ray.models import build_model
+    from edsr_ray.weights import init_from, load_matching
 
     cfg = from_dict(ExperimentConfig, loop_config["config"], source="train_loop_config")
     ctx = ray.train.get_context()
@@ -339,7 +340,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     train_state = None
     if resumed is not None:
         with resumed.as_directory() as ckpt_dir:
-            from edsr_ray.models import load_model
+            from edsr_ray.weights import load_model
 
             load_matching(model, load_model(ckpt_dir).state_dict())
             train_state = load_train_state(Path(ckpt_dir), torch.device("cpu"))
@@ -524,7 +525,8 @@ def preflight(cfg: ExperimentConfig) -> str:
     tracking.check_tracking_uri(uri)
     data_lib.check_dataset(cfg.data, cfg.model.scales, storage=cfg.storage)
     if cfg.train.init_from:
-        from edsr_ray.models import build_model, init_from
+        from edsr_ray.models import build_model
+        from edsr_ray.weights import init_from
 
         init_from(build_model(cfg.model), cfg.train.init_from)  # wrong architecture: clear error now
     return uri

@@ -628,7 +628,7 @@ class UpscaleBatch:
     stays that image's failure.
 
     Args:
-        model: a model, a checkpoint dict (:func:`~edsr_ray.models.model_checkpoint`), or a one-element list holding a
+        model: a model, a checkpoint dict (:func:`~edsr_ray.weights.model_checkpoint`), or a one-element list holding a
             Ray object reference to one (the driver puts the weights in the object store once).
         scale: the scale to upscale by (already checked against the model).
         inference: :class:`~edsr_ray.config.InferenceConfig` fields (tile, self_ensemble, precision, max_pixels).
@@ -648,7 +648,7 @@ class UpscaleBatch:
         import torch
 
         from edsr_ray.inference import OUT_OF_MEMORY_ERRORS, Upscaler
-        from edsr_ray.models import load_model
+        from edsr_ray.weights import load_model
 
         if isinstance(model, list):  # [ObjectRef]: a list, so that Ray hands it over unresolved
             import ray

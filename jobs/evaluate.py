@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.tracking_uri:
-        # The same server resolves models:/ and runs:/ sources (edsr_ray.models reads MLFLOW_TRACKING_URI).
+        # The same server resolves models:/ and runs:/ sources (edsr_ray.weights reads MLFLOW_TRACKING_URI).
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     cli.setup_logging()
     return cli.run(lambda: _evaluate(args))

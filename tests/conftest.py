@@ -170,3 +170,13 @@ def special_files():
     ``folder``; returns file name -> the words its failure reason must contain. ``folder.png`` is a real folder (a
     folder walk enters it); every other name is listed by a walk."""
     return _make_special_files
+
+
+@pytest.fixture(scope="module")
+def lr_input() -> torch.Tensor:
+    """A 12x10 crop of a real photo, (1, 3, 12, 10) float in [0, 255]."""
+    from edsr_ray.samples import photos
+
+    crop = photos()["coffee"][100:112, 200:210]
+    # contiguous NCHW: a permuted (channels-last) view would send the convs down a much slower path on CPU
+    return torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float().contiguous()

@@ -40,7 +40,8 @@ from edsr_ray.evaluation import (
 from edsr_ray.imaging import decode_image, encode_image, imresize
 from edsr_ray.inference import upscale
 from edsr_ray.metrics import psnr, ssim
-from edsr_ray.models import EDSR, MDSR, load_model, save_model
+from edsr_ray.models import EDSR, MDSR
+from edsr_ray.weights import load_model, save_model
 
 ROOT = Path(__file__).parents[1]
 SCALES = (2, 3)

@@ -221,7 +221,7 @@ def test_two_nodes_with_their_own_ports_and_the_token_required(cluster):
 
 
 def test_training_job_registers_a_model_that_loads_at_any_size(trained):
-    from edsr_ray.models import load_model
+    from edsr_ray.weights import load_model
 
     assert succeeded(trained)
     assert f"finished {TOTAL_STEPS} updates" in trained.logs
@@ -248,7 +248,7 @@ def test_upscaling_job_writes_every_output_with_the_registered_model(cluster, jo
     env), S3 in and out; every output equals the shared inference path on the same image."""
     from edsr_ray.imaging import decode_image
     from edsr_ray.inference import upscale
-    from edsr_ray.models import load_model
+    from edsr_ray.weights import load_model
 
     assert succeeded(trained)
     source, output = f"{DATA}/DIV2K_valid_LR_bicubic/X2", f"{BASE}/upscaled"

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "edsr_ray.metrics": 5,
     "edsr_ray.models": 6,
     "edsr_ray.tracking": 6,
+    "edsr_ray.weights": 7,
     "edsr_ray.data": 7,
     "edsr_ray.inference": 8,
     # The product: ingest, training, batch upscaling, evaluation, serving.
@@ -130,6 +131,13 @@ def test_no_import_cycle(graph):
         if mod not in state:
             cycle = visit(mod)
             assert cycle is None, " -> ".join(cycle)
+
+
+def test_networks_need_torch_and_their_config_only():
+    path = modules()["edsr_ray.models"]
+    assert internal_imports(path, set(modules())) - {"edsr_ray.models"} <= {"edsr_ray.config", "edsr_ray.errors"}
+    stdlib = {"dataclasses", "logging", "math", "typing", "collections"}
+    assert third_party_imports(path) - stdlib <= {"torch"}
 
 
 def test_the_foundations_do_not_import_ray():

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from edsr_ray import storage, tracking
 from edsr_ray.config import ExperimentConfig, TrainConfig, from_dict
 from edsr_ray.errors import EdsrRayError
-from edsr_ray.models import EDSR, build_model, load_model, save_model
+from edsr_ray.models import EDSR, build_model
 from edsr_ray.train import LossWindow, NonFiniteLossError, UpdateStep, _has_checkpoints, preflight, run_training
+from edsr_ray.weights import load_model, save_model
 
 ROOT = "s3://edsr/train-tests/div2k"
 
@@ -416,7 +417,7 @@ def test_mdsr_trains_and_validates_every_scale_with_two_workers(env):
 def test_x3_initialises_from_a_registered_x2_model(env, tmp_path):
     """The paper's x2 -> x3 chain through the registry: preflight checks the config's models:/...@alias before any
     cluster work, and the same alias initialises the x3 model, copying what matches."""
-    from edsr_ray.models import init_from
+    from edsr_ray.weights import init_from
 
     x2 = build_model(_config("x2").model)
     model_file = tmp_path / "model.pt"

@@ -39,7 +39,7 @@ from edsr_ray.config import InferenceConfig
 from edsr_ray.errors import ConfigError, StorageError
 from edsr_ray.imaging import DecodedImage, decode_image, encode_image
 from edsr_ray.inference import upscale, upscale_decoded
-from edsr_ray.models import EDSR, MDSR, save_model
+from edsr_ray.models import EDSR, MDSR
 from edsr_ray.samples import photo_bytes
 from edsr_ray.storage import StorageConfig
 from edsr_ray.upscaling import (
@@ -60,6 +60,7 @@ from edsr_ray.upscaling import (
     tasks_table,
     unpack_image,
 )
+from edsr_ray.weights import save_model
 
 ROOT = Path(__file__).parents[1]
 JOB = ROOT / "jobs" / "upscale.py"
@@ -79,7 +80,7 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(model_file):
-    from edsr_ray.models import load_model
+    from edsr_ray.weights import load_model
 
     return load_model(model_file)
 
