@@ -48,8 +48,8 @@ from torch import nn
 from edsr_ray import batch
 from edsr_ray.imaging import DecodedImage, check_encoded_size, decode_image
 from edsr_ray.models import EDSR, edsr_baseline
-from edsr_ray.weights import save_model
 from edsr_ray.upscaling import OutputOptions, encode_output
+from edsr_ray.weights import save_model
 
 LR_SHAPE = (270, 480)
 SCALE = 4
@@ -208,8 +208,8 @@ def model_only_rate(model_path: str, source: str, inputs: int, plan: batch.Model
     """Images/s of the job's model stage in actors set up like the job's, on images decoded beforehand."""
     import ray
 
-    from edsr_ray.weights import load_model, model_checkpoint
     from edsr_ray.upscaling import UpscaleBatch, decode_batch, plan_tasks, tasks_table
+    from edsr_ray.weights import load_model, model_checkpoint
 
     @ray.remote
     class ModelOnly:

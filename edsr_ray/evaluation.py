@@ -52,13 +52,13 @@ from edsr_ray.config import PRECISIONS, SCALES, from_dict, to_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
 from edsr_ray.imaging import IMAGE_SUFFIXES, decode_image, encode_image, imresize
 from edsr_ray.infra.ray import ensure_ray
+from edsr_ray.manifest import MANIFEST_NAME, read_manifest
 from edsr_ray.metrics import PROTOCOLS, psnr, ssim
 from edsr_ray.storage import StorageConfig
 
 logger = logging.getLogger(__name__)
 
 BICUBIC = "bicubic"
-MANIFEST = "manifest.parquet"  # edsr_ray.data.MANIFEST_NAME, written by jobs/ingest.py
 ENSEMBLE_MODES = ("off", "both", "only")
 # Row order of the paper's Table 3; other sets follow in the order they were found.
 PAPER_SET_ORDER = ("Set5", "Set14", "B100", "Urban100", "DIV2K_valid")
@@ -154,12 +154,12 @@ def discover_sets(location: str, cfg: StorageConfig | None = None, *, exclude: s
         files = [f for f in files if not _absolute(f).startswith(skip)]
     base = location.rstrip("/")
     rel = [f[len(base) + 1 :] for f in files if f.startswith(base + "/")]
-    if MANIFEST in rel:
+    if MANIFEST_NAME in rel:
         return _sets_from_manifest(location, cfg)
     images = [r for r in rel if r.lower().endswith(IMAGE_SUFFIXES)]
     if not images:
         raise EvaluationError(
-            f"{location}: no images ({', '.join(IMAGE_SUFFIXES)}) and no {MANIFEST} found; expected an ingested "
+            f"{location}: no images ({', '.join(IMAGE_SUFFIXES)}) and no {MANIFEST_NAME} found; expected an ingested "
             "dataset root, a set folder with HR/ and LR_bicubic/X<scale>/, or a folder of HR images"
         )
     sets = _sets_from_layout(location, images)
@@ -223,9 +223,7 @@ def _sets_from_manifest(location: str, cfg: StorageConfig | None) -> list[EvalSe
     """Sets from an ingested root's ``manifest.parquet``: one per (dataset, split), keys relative to the root."""
     import pandas as pd
 
-    from edsr_ray import data as data_lib  # imports Ray Data: only loaded when a manifest is read
-
-    manifest = data_lib.read_manifest(location, cfg)
+    manifest = read_manifest(location, cfg)
     rows = [{k: (None if v is pd.NA else v) for k, v in r.items()} for r in manifest.astype(object).to_dict("records")]
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:

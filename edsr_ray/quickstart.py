@@ -78,7 +78,7 @@ def run_quickstart(config_path: str | os.PathLike[str], overrides: Sequence[str]
     """Start the embedded services, ingest, train, register; returns the validation PSNR against bicubic."""
     from edsr_ray.infra.objectstore import EmbeddedS3
     from edsr_ray.ingest import ingest
-    from edsr_ray.train import run_training
+    from edsr_ray.training.run import run_training
 
     cfg = quickstart_config(config_path, overrides)  # config errors before any service starts
     folder = home.quickstart_dir()

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad config stops here, before Ray is imported
-    from edsr_ray.train import train
+    from edsr_ray.training.run import train
 
     outcome = train(cfg, source=args.config)
     print(f"finished {outcome.steps} updates; metrics: {outcome.metrics}")

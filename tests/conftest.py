@@ -98,6 +98,56 @@ def sample_div2k(tmp_path_factory, photos):
     return root
 
 
+@pytest.fixture(scope="module")
+def ray_data(s3):
+    """Local Ray with 4 logical CPUs on the 2-core machine: 2 for Train workers, the rest for Ray Data."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_root(s3, sample_div2k) -> str:
+    """:func:`sample_div2k` ingested once per session into the embedded S3 server, with its manifest (on a Ray of its
+    own when none runs yet, stopped again afterwards)."""
+    import ray
+    from sample_data import ROOT
+
+    from edsr_ray.infra.ray import stop_ray
+    from edsr_ray.ingest import ingest
+
+    started = not ray.is_initialized()
+    try:
+        report = ingest([str(sample_div2k)], ROOT, progress=False)
+    finally:
+        if started:
+            stop_ray()
+    assert report.failed == []
+    return ROOT
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A tiny random-weight EDSR x2 (2 blocks, 8 features) in a project checkpoint file."""
+    from edsr_ray.models import EDSR
+    from edsr_ray.weights import save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny_x2.pt"
+    save_model(EDSR(2, 8, 2), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_file):
+    """The network of :func:`model_file`, loaded."""
+    from edsr_ray.weights import load_model
+
+    return load_model(model_file)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Hostile inputs
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from edsr_ray import data, storage
+from edsr_ray import manifest, storage
 from edsr_ray.errors import EdsrRayError
 from edsr_ray.evaluation import (
     EvaluationError,
@@ -90,8 +90,8 @@ def _write_layout(root: str, photos) -> None:
 def _manifest_rows(root: str) -> list[dict]:
     import pandas as pd
 
-    manifest = data.read_manifest(root)
-    return [{k: (None if v is pd.NA else v) for k, v in r.items()} for r in manifest.astype(object).to_dict("records")]
+    frame = manifest.read_manifest(root)
+    return [{k: (None if v is pd.NA else v) for k, v in r.items()} for r in frame.astype(object).to_dict("records")]
 
 
 @pytest.fixture(scope="module")
@@ -463,7 +463,7 @@ def test_manifest_mismatch_and_missing_partner_are_reported_before_running(s3_ro
         if row["id"] == "0803":
             row["lr_x3_key"] = None
     root = f"{s3_root}-bad-{uuid.uuid4().hex[:6]}"
-    data.write_manifest(rows, root)  # sizes and partners are checked from the manifest, before any image is read
+    manifest.write_manifest(rows, root)  # sizes and partners are checked from the manifest, before any image is read
     with pytest.raises(EvaluationError) as err:
         evaluate(EvaluationOptions(("bicubic",), (root,), str(tmp_path / "out"), scales=SCALES, use_ray=False))
     message = str(err.value)

@@ -36,8 +36,8 @@ LAYERS: dict[str, int] = {
     "edsr_ray.metrics": 5,
     "edsr_ray.models": 6,
     "edsr_ray.tracking": 6,
+    "edsr_ray.manifest": 6,
     "edsr_ray.weights": 7,
-    "edsr_ray.data": 7,
     "edsr_ray.inference": 8,
     # The product: ingest, training, batch upscaling, evaluation, serving.
     "edsr_ray.ingest": 9,
@@ -45,7 +45,13 @@ LAYERS: dict[str, int] = {
     "edsr_ray.batch": 9,
     "edsr_ray.evaluation": 9,
     "edsr_ray.serving": 9,
-    "edsr_ray.train": 9,
+    "edsr_ray.training": 9,
+    "edsr_ray.training.patches": 9,
+    "edsr_ray.training.batches": 9,
+    "edsr_ray.training.update": 9,
+    "edsr_ray.training.checkpoints": 9,
+    "edsr_ray.training.loop": 9,
+    "edsr_ray.training.run": 9,
     "edsr_ray.quickstart": 10,
 }
 
