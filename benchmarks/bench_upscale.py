@@ -10,10 +10,10 @@ cropped) to it as PNG, and measures on this machine:
   ``--png-compression small``), as JPEG q95 and as WebP q90;
 * the codec-only rate: decode + encode of every image in a process pool as wide as the CPUs the job leaves to its
   codec tasks;
-* the model-only rate: the job's model stage (:class:`~edsr_ray.upscaling.UpscaleBatch`) on decoded images in Ray
+* the model-only rate: the job's model stage (:class:`~edsr_ray.batch.stages.UpscaleBatch`) on decoded images in Ray
   actors configured exactly like the job's (one per GPU, or CPU actors with or without the glibc settings of
   :data:`edsr_ray.batch.CPU_ACTOR_ENV`);
-* the job: :func:`edsr_ray.batch.run_upscale` from S3 to S3 on Ray Data, on N and on 2N images; "end to end" is
+* the job: :func:`edsr_ray.batch.job.run_upscale` from S3 to S3 on Ray Data, on N and on 2N images; "end to end" is
   2N / T(2N), actor start included; "steady" is N / (T(2N) - T(N)), where the fixed costs (starting the actors,
   filling and draining the pipeline) cancel out: the rate a long run settles at.
 
@@ -46,9 +46,9 @@ from PIL import Image
 from torch import nn
 
 from edsr_ray import batch
+from edsr_ray.batch.stages import OutputOptions, encode_output
 from edsr_ray.imaging import DecodedImage, check_encoded_size, decode_image
 from edsr_ray.models import EDSR, edsr_baseline
-from edsr_ray.upscaling import OutputOptions, encode_output
 from edsr_ray.weights import save_model
 
 LR_SHAPE = (270, 480)
@@ -208,7 +208,8 @@ def model_only_rate(model_path: str, source: str, inputs: int, plan: batch.Model
     """Images/s of the job's model stage in actors set up like the job's, on images decoded beforehand."""
     import ray
 
-    from edsr_ray.upscaling import UpscaleBatch, decode_batch, plan_tasks, tasks_table
+    from edsr_ray.batch.inputs import plan_tasks
+    from edsr_ray.batch.stages import UpscaleBatch, decode_batch, tasks_table
     from edsr_ray.weights import load_model, model_checkpoint
 
     @ray.remote

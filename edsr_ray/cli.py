@@ -70,9 +70,6 @@ def setup_logging(*, quiet: bool = False) -> None:
     console.setFormatter(logging.Formatter(LOG_FORMAT))
     console.addFilter(TerminalFilter())
     root.addHandler(console)
-    for handler in root.handlers:
-        if handler.get_name() == _RUN_LOG and isinstance(handler, logging.FileHandler):
-            logging.getLogger(__name__).info("messages of Ray and other libraries: %s", handler.baseFilename)
 
 
 def error(message: object) -> None:

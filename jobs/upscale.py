@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 
 from edsr_ray import cli
-from edsr_ray.batch import ComputeOptions, UpscaleInterrupted, run_upscale
+from edsr_ray.batch.job import ComputeOptions, UpscaleInterrupted, run_upscale
+from edsr_ray.batch.stages import OUTPUT_FORMATS, PNG_COMPRESSION, OutputOptions
 from edsr_ray.config import PRECISIONS, InferenceConfig, from_dict
 from edsr_ray.imaging import MAX_PIXELS_DEFAULT
 from edsr_ray.storage import StorageConfig
-from edsr_ray.upscaling import OUTPUT_FORMATS, PNG_COMPRESSION, OutputOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -41,8 +41,11 @@ LAYERS: dict[str, int] = {
     "edsr_ray.inference": 8,
     # The product: ingest, training, batch upscaling, evaluation, serving.
     "edsr_ray.ingest": 9,
-    "edsr_ray.upscaling": 9,
     "edsr_ray.batch": 9,
+    "edsr_ray.batch.inputs": 9,
+    "edsr_ray.batch.stages": 9,
+    "edsr_ray.batch.reports": 9,
+    "edsr_ray.batch.job": 9,
     "edsr_ray.evaluation": 9,
     "edsr_ray.serving": 9,
     "edsr_ray.training": 9,
