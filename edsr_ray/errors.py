@@ -53,6 +53,10 @@ class StorageError(EdsrRayError, OSError):
     """Object storage or the local file system failed (unreachable endpoint, missing key, denied access)."""
 
 
+class EvaluationError(EdsrRayError):
+    """An evaluation cannot start: an unknown set, a missing LR partner, a size mismatch, a bad model or option."""
+
+
 class Interrupted(EdsrRayError):
     """A run stopped part-way through a failure outside its input (a cluster or storage failure): what it wrote is
     complete and kept, and running the same command again finishes the work."""

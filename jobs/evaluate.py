@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from edsr_ray.evaluation import EvaluationOptions, evaluate
+    from edsr_ray.evaluation.run import EvaluationOptions, evaluate
 
     options = EvaluationOptions(
         models=tuple(args.model),

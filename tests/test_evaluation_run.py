@@ -26,17 +26,10 @@ import pytest
 import torch
 
 from edsr_ray import manifest, storage
-from edsr_ray.errors import EdsrRayError
-from edsr_ray.evaluation import (
-    EvaluationError,
-    EvaluationOptions,
-    ModelSpec,
-    SummaryRow,
-    discover_sets,
-    evaluate,
-    format_cell,
-    markdown_table,
-)
+from edsr_ray.errors import EdsrRayError, EvaluationError
+from edsr_ray.evaluation.report import format_cell
+from edsr_ray.evaluation.run import EvaluationOptions, ModelSpec, evaluate
+from edsr_ray.evaluation.sets import discover_sets
 from edsr_ray.imaging import decode_image, encode_image, imresize
 from edsr_ray.inference import upscale
 from edsr_ray.metrics import psnr, ssim
@@ -305,21 +298,6 @@ def test_markdown_table_has_the_papers_layout(report):
         assert all(v == "n/a" or re.fullmatch(r"-?\d+\.\d\d/-?\.\d{4}", v) for v in values), values
         assert (values[1] == "n/a") == (cells[1] == "×3")  # the x2 EDSR has no x3 cells
     assert "Y channel" in rep.table and "scale + 6" in rep.table
-
-
-def test_table_cells_and_failure_marks():
-    rows = [
-        SummaryRow("A", "Set5", 2, "benchmark", 5, 0, 38.1149, 0.96012, 0.1),
-        SummaryRow("A", "Set5", 3, "benchmark", 4, 1, 34.6, 0.92821, 0.1),
-        SummaryRow("B", "Set5", 2, "benchmark", 0, 5, float("nan"), float("nan"), float("nan")),
-    ]
-    assert format_cell(rows[0]) == "38.11/.9601"
-    assert format_cell(rows[1]) == "34.60/.9282*"
-    assert format_cell(rows[2]) == "failed"
-    table = markdown_table(rows, ["A", "B"], ["Set5"], [2, 3])
-    assert "| Set5 | ×2 | 38.11/.9601 | failed |" in table
-    assert "| Set5 | ×3 | 34.60/.9282* | n/a |" in table
-    assert "1 of 5" in table and "5 of 5" in table
 
 
 @pytest.mark.slow
