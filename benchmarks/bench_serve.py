@@ -56,7 +56,8 @@ def make_inputs(size: int, count: int = 16) -> list[bytes]:
     """Distinct size x size PNG crops of a real photo (so no two consecutive requests carry identical bytes)."""
     import numpy as np
 
-    from edsr_ray.imaging import encode_image, imresize
+    from edsr_ray.codecs import encode_image
+    from edsr_ray.imaging import imresize
     from edsr_ray.samples import photo
 
     source = photo("astronaut.png")  # (512, 512, 3)

@@ -46,8 +46,8 @@ from PIL import Image
 from torch import nn
 
 from edsr_ray import batch
-from edsr_ray.batch.stages import OutputOptions, encode_output
-from edsr_ray.imaging import DecodedImage, check_encoded_size, decode_image
+from edsr_ray.batch.stages import CodecOptions, encode_output
+from edsr_ray.codecs import DecodedImage, check_encoded_size, decode_image
 from edsr_ray.models import EDSR, edsr_baseline
 from edsr_ray.weights import save_model
 
@@ -157,7 +157,7 @@ def codec_timings(inputs: list[bytes], count: int) -> list[CodecTiming]:
     timings = [spng, pillow]
     for label, fmt, compression in (*FORMATS, ("WebP q90", "webp", "fast")):
         timing = CodecTiming(f"encode 1080x1920 {label}")
-        options = OutputOptions(fmt=fmt, png_compression=compression, quality=90 if fmt == "webp" else 95)
+        options = CodecOptions(fmt=fmt, png_compression=compression, quality=90 if fmt == "webp" else 95)
         encode_output(outputs[0], fmt, options)  # warm-up, not timed
         for img in outputs[: max(2, count // 4) if fmt == "webp" else count]:
             seconds, data = _timed(encode_output, img, fmt, options)
@@ -166,7 +166,7 @@ def codec_timings(inputs: list[bytes], count: int) -> list[CodecTiming]:
         timings.append(timing)
     # The size check every encode ends with (its header read back), alone: part of each encode timed above.
     check = CodecTiming(CHECK_LABEL)
-    png = encode_output(outputs[0], "png", OutputOptions(fmt="png"))
+    png = encode_output(outputs[0], "png", CodecOptions(fmt="png"))
     for _ in range(count):
         start = time.perf_counter()
         for _ in range(1000):
@@ -188,7 +188,7 @@ def _pool_init(inputs: list[bytes]) -> None:
 def _pool_codec(task: tuple[int, str, str]) -> int:
     i, fmt, compression = task
     decode_image(_POOL_INPUTS[i])
-    return len(encode_output(_POOL_OUTPUTS[i], fmt, OutputOptions(fmt=fmt, png_compression=compression)))
+    return len(encode_output(_POOL_OUTPUTS[i], fmt, CodecOptions(fmt=fmt, png_compression=compression)))
 
 
 def codec_only_rate(inputs: list[bytes], fmt: str, compression: str, workers: int) -> float:
@@ -257,7 +257,7 @@ def job_rate(model_path: str, source: str, output: str, fmt: str, compression: s
             model_path,
             f"{source}/{part}",
             f"{output}/{part}",
-            options=OutputOptions(fmt=fmt, png_compression=compression),
+            options=CodecOptions(fmt=fmt, png_compression=compression),
             progress=False,
         )
         assert summary.count("failed") == 0 and summary.count("skipped") == 0, summary.line()

@@ -205,23 +205,22 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """How images are upscaled: tiling, self-ensemble, precision and the decompression-bomb limit."""
+    """How images are upscaled by the one inference path (:class:`~edsr_ray.inference.Upscaler`): tiling,
+    self-ensemble, precision. The settings of the batch job; Serve and evaluation have their own."""
 
     tile: int | None = None  # LR tile side; None: whole image when it fits
     self_ensemble: bool = False  # x8 flips/transposes averaged (EDSR+ / MDSR+)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16
-    max_pixels: int = 40_000_000  # input pixels; larger images are refused before decoding
 
     def __post_init__(self) -> None:
         if self.tile is not None:
             require(self.tile >= 8, "tile", f"must be >= 8 or null, got {self.tile}")
         require(self.precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        require(self.max_pixels >= 1, "max_pixels", f"must be >= 1, got {self.max_pixels}")
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole job: model, data, optimisation, workers, run storage, tracking, object storage and inference."""
+    """A training run: model, data, optimisation, workers, run storage, tracking and object storage."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -230,7 +229,6 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
         require(
@@ -453,7 +451,6 @@ SECTIONS = {
     "run": RunConfig,
     "tracking": TrackingConfig,
     "storage": StorageConfig,
-    "inference": InferenceConfig,
 }
 
 

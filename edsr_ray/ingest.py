@@ -18,7 +18,7 @@ Written under the root (``s3://bucket/prefix`` or a folder)::
     manifest.parquet               one row per HR image (edsr_ray.manifest.MANIFEST_SCHEMA)
 
 Every image is stored as an 8-bit RGB PNG written by fpng (by zlib past fpng's size limits, see
-:func:`~edsr_ray.imaging.encode_image`): lossless, so its pixels are exactly the source's (EXIF orientation applied,
+:func:`~edsr_ray.codecs.encode_image`): lossless, so its pixels are exactly the source's (EXIF orientation applied,
 grey expanded, alpha dropped, 16 bit rounded), and libspng decodes it about twice as fast as a zlib-compressed PNG
 such as DIV2K's originals - decoding is most of the cost of the patch stream (``benchmarks/bench_patches.py``). The
 manifest keeps the checksum of each source file next to that of the object, and the sizes of the stored images.
@@ -65,9 +65,10 @@ import numpy as np
 
 from edsr_ray import manifest as manifest_lib
 from edsr_ray import storage as storage_lib
+from edsr_ray.codecs import IMAGE_SUFFIXES, decode_image, encode_image
 from edsr_ray.config import SCALES
 from edsr_ray.errors import EdsrRayError, ImageError, StorageError
-from edsr_ray.imaging import IMAGE_SUFFIXES, decode_image, encode_image, imresize
+from edsr_ray.imaging import imresize
 from edsr_ray.infra.ray import ensure_ray
 from edsr_ray.storage import StorageConfig
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from edsr_ray import home, samples, tracking
+from edsr_ray.codecs import encode_image
 from edsr_ray.config import ExperimentConfig, load_config
-from edsr_ray.imaging import encode_image
 from edsr_ray.infra.ray import ensure_ray, quiet_environment, stop_ray
 
 log = logging.getLogger(__name__)

@@ -150,10 +150,10 @@ class RunLogger:
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """Log an (H, W[, C]) uint8/uint16 image as ``artifact_file`` (its extension picks PNG, JPEG or WebP).
 
-        Encoded by :func:`edsr_ray.imaging.encode_image`, the one encoder of every image the project writes, so a
+        Encoded by :func:`edsr_ray.codecs.encode_image`, the one encoder of every image the project writes, so a
         picture gets the same size checks as any output, rather than through MLflow's own Pillow call.
         """
-        from edsr_ray.imaging import encode_image, format_from_name
+        from edsr_ray.codecs import encode_image, format_from_name
 
         data = encode_image(image, format_from_name(artifact_file))
         folder, _, name = artifact_file.rpartition("/")

@@ -236,7 +236,7 @@ def _torch_load(data: bytes, name: str, map_location: Any) -> Any:
 
 def _content(data: bytes) -> str:
     """What the bytes are ("a PNG image", "1234 bytes of UTF-8 text"), never the bytes themselves."""
-    from edsr_ray.imaging import sniff  # only on this failure path: loading weights needs no image codecs
+    from edsr_ray.codecs import sniff
 
     return sniff(data).description
 

@@ -23,9 +23,9 @@ import argparse
 
 from edsr_ray import cli
 from edsr_ray.batch.job import ComputeOptions, UpscaleInterrupted, run_upscale
-from edsr_ray.batch.stages import OUTPUT_FORMATS, PNG_COMPRESSION, OutputOptions
+from edsr_ray.batch.stages import FORMAT_CHOICES, PNG_COMPRESSION, CodecOptions
+from edsr_ray.codecs import MAX_PIXELS_DEFAULT
 from edsr_ray.config import PRECISIONS, InferenceConfig, from_dict
-from edsr_ray.imaging import MAX_PIXELS_DEFAULT
 from edsr_ray.storage import StorageConfig
 
 
@@ -47,13 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tile", type=int, help="LR tile side (default: whole images when they fit in memory)")
     p.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/transposes (EDSR+, 8x compute)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--format", choices=OUTPUT_FORMATS, default="same", help="output format (same: as the input)")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="same", help="output format (same: as the input)")
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality, 1-100 (default 95)")
     p.add_argument(
         "--png-compression",
         choices=PNG_COMPRESSION,
         default="fast",
-        help="fast (default): fpng, ~55x faster to encode, files ~1.3x larger; small: zlib level 6 like Pillow",
+        help="fast (default): fpng, far faster to encode, files a little larger; small: zlib level 6 like Pillow",
     )
     p.add_argument("--gpus", type=int, help="model actors with one GPU each (default: all GPUs; 0: CPU only)")
     p.add_argument("--workers", type=int, help="at most this many model actors (default: one per GPU, or CPUs-1)")
@@ -79,15 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 def _upscale(args: argparse.Namespace) -> int:
     inference = from_dict(
         InferenceConfig,
-        {
-            "tile": args.tile,
-            "self_ensemble": args.self_ensemble,
-            "precision": args.precision,
-            "max_pixels": args.max_pixels,
-        },
+        {"tile": args.tile, "self_ensemble": args.self_ensemble, "precision": args.precision},
         source="command line",
     )
-    options = OutputOptions(
+    options = CodecOptions(
         fmt=args.format, quality=args.quality, png_compression=args.png_compression, max_pixels=args.max_pixels
     )
     compute = ComputeOptions(local=args.local, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size)

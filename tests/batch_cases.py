@@ -9,7 +9,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from edsr_ray.imaging import DecodedImage, decode_image
+from edsr_ray.codecs import DecodedImage, decode_image
 from edsr_ray.inference import upscale, upscale_decoded
 
 

@@ -32,12 +32,12 @@ from edsr_ray.batch.inputs import output_key, read_list_file
 from edsr_ray.batch.job import CPU_ACTOR_ENV, ComputeOptions, model_workers, run_upscale
 from edsr_ray.batch.reports import MANIFEST_NAME, SUMMARY_NAME
 from edsr_ray.batch.stages import (
-    OutputOptions,
+    CodecOptions,
     tasks_table,
 )
+from edsr_ray.codecs import decode_image, encode_image
 from edsr_ray.config import InferenceConfig
 from edsr_ray.errors import ConfigError
-from edsr_ray.imaging import decode_image, encode_image
 from edsr_ray.inference import upscale, upscale_decoded
 from edsr_ray.models import EDSR, MDSR
 from edsr_ray.samples import photo_bytes
@@ -155,7 +155,7 @@ def test_s3_collection_through_the_ray_pipeline(ray_cluster, model_file, model, 
     good, bad = good_images(photos), bad_images(photos)
     src, out = "s3://edsr/upscale/in", "s3://edsr/upscale/out"
     _upload(src, {**good, **{k: v for k, (v, _) in bad.items()}})
-    options = OutputOptions(fmt="png")
+    options = CodecOptions(fmt="png")
     compute = ComputeOptions(workers=1)
 
     summary = run_upscale(str(model_file), src, out, options=options, compute=compute, progress=False)
@@ -411,7 +411,7 @@ def test_list_files_local_and_s3_entries_same_format_and_quality(s3, model_file,
         str(model_file),
         str(listing),
         str(out),
-        options=OutputOptions(fmt="same", quality=80),
+        options=CodecOptions(fmt="same", quality=80),
         inference=InferenceConfig(tile=32),
         compute=ComputeOptions(local=True),
         allow_failures=1,
@@ -507,11 +507,11 @@ def test_model_workers_for_gpu_and_cpu_clusters():
 
 def test_bad_output_and_compute_options():
     with pytest.raises(ConfigError, match="format"):
-        OutputOptions(fmt="gif")
+        CodecOptions(fmt="gif")
     with pytest.raises(ConfigError, match="quality"):
-        OutputOptions(quality=0)
+        CodecOptions(quality=0)
     with pytest.raises(ConfigError, match="png_compression"):
-        OutputOptions(png_compression="max")
+        CodecOptions(png_compression="max")
     with pytest.raises(ConfigError, match="gpus"):
         ComputeOptions(gpus=-1)
     with pytest.raises(ConfigError, match="batch_size"):
@@ -700,7 +700,7 @@ def test_objects_without_an_extension_are_sniffed_with_ranged_reads(s3, model_fi
     }
     _upload(src, objects)
     summary = run_upscale(
-        str(model_file), src, out, options=OutputOptions(fmt="webp"), compute=ComputeOptions(local=True)
+        str(model_file), src, out, options=CodecOptions(fmt="webp"), compute=ComputeOptions(local=True)
     )
     assert (summary.written, summary.count("failed")) == (3, 0)
     written = sorted(p.relative_to(out).as_posix() for p in Path(out).rglob("*.webp"))

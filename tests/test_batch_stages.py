@@ -15,7 +15,7 @@ import pytest
 from batch_cases import assert_same_image, crop, expected_output, grey, job_env, lossy
 
 from edsr_ray.batch.stages import (
-    OutputOptions,
+    CodecOptions,
     UpscaleBatch,
     decode_batch,
     encode_and_write,
@@ -23,9 +23,9 @@ from edsr_ray.batch.stages import (
     pack_image,
     unpack_image,
 )
+from edsr_ray.codecs import DecodedImage, decode_image, encode_image
 from edsr_ray.config import InferenceConfig
 from edsr_ray.errors import StorageError
-from edsr_ray.imaging import DecodedImage, decode_image, encode_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -87,12 +87,12 @@ def _decode_in_memory(images: dict[str, bytes], **options) -> pa.Table:
 
 def test_png_compression_small_is_smaller_and_the_same_pixels(photos):
     img = DecodedImage.from_array(crop(photos, "coffee", 200, 300))
-    fast = encode_output(img, "png", OutputOptions(png_compression="fast"))
-    small = encode_output(img, "png", OutputOptions(png_compression="small"))
+    fast = encode_output(img, "png", CodecOptions(png_compression="fast"))
+    small = encode_output(img, "png", CodecOptions(png_compression="small"))
     assert len(small) < len(fast)
     np.testing.assert_array_equal(decode_image(small).rgb, decode_image(fast).rgb)
     grey16 = DecodedImage.from_array(grey(photos, "coffee", 50, 60).astype(np.uint16) * 257)
-    back = decode_image(encode_output(grey16, "png", OutputOptions(png_compression="small")))
+    back = decode_image(encode_output(grey16, "png", CodecOptions(png_compression="small")))
     assert back.grey and back.bit_depth == 16 and np.array_equal(back.rgb, grey16.rgb)
 
 
@@ -109,7 +109,7 @@ def test_never_writes_through_a_link_out_of_the_output_folder(tmp_path):
     (out / "sub").symlink_to(elsewhere, target_is_directory=True)
     image = DecodedImage.from_array(np.zeros((4, 4, 3), dtype=np.uint8))
     with pytest.raises(StorageError, match="outside the output folder"):
-        encode_and_write(str(out / "sub" / "x.png"), image, OutputOptions(), str(out))
+        encode_and_write(str(out / "sub" / "x.png"), image, CodecOptions(), str(out))
     assert not list(elsewhere.iterdir())
 
 

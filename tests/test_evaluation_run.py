@@ -26,11 +26,12 @@ import pytest
 import torch
 
 from edsr_ray import manifest, storage
+from edsr_ray.codecs import decode_image, encode_image
 from edsr_ray.errors import EdsrRayError, EvaluationError
 from edsr_ray.evaluation.report import format_cell
 from edsr_ray.evaluation.run import EvaluationOptions, ModelSpec, evaluate
 from edsr_ray.evaluation.sets import discover_sets
-from edsr_ray.imaging import decode_image, encode_image, imresize
+from edsr_ray.imaging import imresize
 from edsr_ray.inference import upscale
 from edsr_ray.metrics import psnr, ssim
 from edsr_ray.models import EDSR, MDSR

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edsr_ray.codecs import encode_image
 from edsr_ray.errors import EvaluationError
 from edsr_ray.evaluation.scoring import ImageEvaluator, load_pair
-from edsr_ray.imaging import encode_image, imresize
+from edsr_ray.imaging import imresize
 from edsr_ray.metrics import psnr, ssim
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edsr_ray.codecs import encode_image
 from edsr_ray.errors import EvaluationError
 from edsr_ray.evaluation.sets import discover_sets, protocol_for, select_sets, table_order
-from edsr_ray.imaging import encode_image
 
 PNG = encode_image(np.zeros((12, 12, 3), np.uint8))
 

@@ -246,7 +246,7 @@ def test_training_job_registers_a_model_that_loads_at_any_size(trained):
 def test_upscaling_job_writes_every_output_with_the_registered_model(cluster, job_env, trained):
     """The Ray Data upscaling job on both nodes: CPU model actors (their glibc settings merged into the job's runtime
     env), S3 in and out; every output equals the shared inference path on the same image."""
-    from edsr_ray.imaging import decode_image
+    from edsr_ray.codecs import decode_image
     from edsr_ray.inference import upscale
     from edsr_ray.weights import load_model
 
@@ -269,7 +269,8 @@ def test_upscaling_job_writes_every_output_with_the_registered_model(cluster, jo
 def test_evaluation_job_scores_the_registered_model_and_bicubic(cluster, job_env, trained):
     from skimage.metrics import peak_signal_noise_ratio
 
-    from edsr_ray.imaging import decode_image, imresize
+    from edsr_ray.codecs import decode_image
+    from edsr_ray.imaging import imresize
 
     assert succeeded(trained)
     output = f"{BASE}/eval"

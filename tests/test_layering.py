@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "edsr_ray.infra.localcluster": 4,
     "edsr_ray.infra.launcher": 4,
     # Pixels, networks, numbers, records.
+    "edsr_ray.codecs": 5,
     "edsr_ray.imaging": 5,
     "edsr_ray.metrics": 5,
     "edsr_ray.models": 6,

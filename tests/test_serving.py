@@ -23,8 +23,8 @@ import pytest
 import torch
 import yaml
 
+from edsr_ray.codecs import DecodedImage, decode_image, encode_image
 from edsr_ray.errors import ConfigError
-from edsr_ray.imaging import DecodedImage, decode_image, encode_image
 from edsr_ray.inference import upscale, upscale_decoded
 from edsr_ray.models import EDSR, MDSR
 from edsr_ray.serving import (

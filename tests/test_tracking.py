@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from edsr_ray import tracking
+from edsr_ray.codecs import decode_image
 from edsr_ray.config import TrackingConfig
 from edsr_ray.errors import EdsrRayError
-from edsr_ray.imaging import decode_image
 
 
 @pytest.fixture

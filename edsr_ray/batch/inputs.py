@@ -26,8 +26,17 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 
 from edsr_ray import storage
+from edsr_ray.codecs import (
+    FORMAT_EXTENSIONS,
+    IMAGE_SUFFIXES,
+    OUTPUT_SUFFIXES,
+    SAME_FORMAT,
+    SNIFF_BYTES,
+    format_from_name,
+    output_format,
+    sniff,
+)
 from edsr_ray.errors import ConfigError, EdsrRayError, LocationError, StorageError
-from edsr_ray.imaging import FORMAT_EXTENSIONS, IMAGE_SUFFIXES, SNIFF_BYTES, format_from_name, sniff
 from edsr_ray.storage import StorageConfig
 
 logger = logging.getLogger(__name__)
@@ -43,8 +52,6 @@ PARQUET_COLUMNS = ("path", "uri")
 # Memory one list-file entry costs beyond its characters (Python strings, list slots): a list file is bounded by what
 # its entries take in memory, characters plus this per entry, since a short file can name a great many of them.
 LIST_ENTRY_BYTES = 100
-# Outputs named like this keep their name with --format same; any other input gets the written format's extension.
-WRITTEN_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Failures a run records per image instead of stopping: anything the input (or its output location) can cause. The
 # model stage adds torch's out-of-memory error; the codec stages never import torch (lighter, faster-starting workers).
 ITEM_ERRORS = (EdsrRayError, OSError, MemoryError)
@@ -82,17 +89,17 @@ def output_key(key: str, fmt: str, detected: str | None = None) -> str:
     gets that format's extension when it is written, else .png; a name without an extension only gains one.
     """
     path = PurePosixPath(key)
-    if fmt == "same":
-        if path.suffix.lower() in WRITTEN_SUFFIXES:
+    if fmt == SAME_FORMAT:
+        if path.suffix.lower() in OUTPUT_SUFFIXES:
             return key
-        fmt = detected if detected in FORMAT_EXTENSIONS else "png"
+        fmt = output_format(SAME_FORMAT, detected)
     extension = FORMAT_EXTENSIONS[fmt]
     return f"{key}{extension}" if not has_extension(key) else str(path.with_suffix(extension))
 
 
 def written_format(dest: str, fmt: str) -> str:
     """The format an output is written in: ``fmt``, or with "same" the one its name says (see :func:`output_key`)."""
-    return fmt if fmt != "same" else format_from_name(dest)
+    return fmt if fmt != SAME_FORMAT else format_from_name(dest)
 
 
 def is_list_file(uri: str) -> bool:
@@ -224,7 +231,7 @@ def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = Non
     overwrite inputs. A list file's entries are all returned (see :func:`plan_tasks`).
 
     Below a folder or prefix, a file is an input when its extension is an image's (:data:`IMAGE_SUFFIXES`), or when it
-    has no extension and its first bytes are an image's (:func:`~edsr_ray.imaging.sniff`; one short ranged read per
+    has no extension and its first bytes are an image's (:func:`~edsr_ray.codecs.sniff`; one short ranged read per
     such file, several at once); every other file is listed in ``ignored`` with the reason.
     """
     if is_list_file(input_uri) and storage.exists(input_uri, cfg) and not _is_folder(input_uri, cfg):
@@ -264,7 +271,7 @@ def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = Non
 
 
 def _sniff_files(uris: Sequence[str], cfg: StorageConfig | None) -> list[Any]:
-    """:func:`~edsr_ray.imaging.sniff` of each file's first bytes, read several at once; the error where unreadable."""
+    """:func:`~edsr_ray.codecs.sniff` of each file's first bytes, read several at once; the error where unreadable."""
 
     def one(uri: str) -> Any:
         try:
@@ -306,7 +313,7 @@ class Plan(NamedTuple):
     ignored: list[tuple[str, str]]
 
 
-def plan_tasks(input_uri: str, output_uri: str, fmt: str = "same", cfg: StorageConfig | None = None) -> Plan:
+def plan_tasks(input_uri: str, output_uri: str, fmt: str = SAME_FORMAT, cfg: StorageConfig | None = None) -> Plan:
     """Tasks for every input, in sorted order, plus the inputs that cannot be written and the files that are not
     inputs, each with the reason.
 

@@ -51,7 +51,7 @@ from edsr_ray.batch.reports import (
 )
 from edsr_ray.batch.stages import (
     MANIFEST_SCHEMA,
-    OutputOptions,
+    CodecOptions,
     UpscaleBatch,
     decode_batch,
     manifest_table,
@@ -307,7 +307,7 @@ def run_upscale(
     *,
     scale: int | None = None,
     inference: InferenceConfig | None = None,
-    options: OutputOptions | None = None,
+    options: CodecOptions | None = None,
     compute: ComputeOptions | None = None,
     allow_failures: int = 0,
     progress: bool | None = None,
@@ -327,7 +327,7 @@ def run_upscale(
 
     started = time.perf_counter()
     inference = inference or InferenceConfig()
-    options = options or OutputOptions(max_pixels=inference.max_pixels)
+    options = options or CodecOptions()
     compute = compute or ComputeOptions()
     if allow_failures < 0:
         raise ConfigError(f"allow_failures must be >= 0, got {allow_failures}")

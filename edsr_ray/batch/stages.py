@@ -13,7 +13,7 @@ non-empty) through the later stages instead of raising, so a bad input never sto
 with its reason.
 
 Between stages an image travels as raw pixel bytes plus the fields needed to rebuild its
-:class:`~edsr_ray.imaging.DecodedImage` exactly (bit depth, grey, alpha, format, mode): 16-bit samples, alpha and
+:class:`~edsr_ray.codecs.DecodedImage` exactly (bit depth, grey, alpha, format, mode): 16-bit samples, alpha and
 greyness survive the trip, and a grey or 16-bit image is written back as such. Nothing is written outside the output
 location (local writes are checked against symbolic links), and every write is atomic (temp file + rename, one S3
 PUT, or a completed multipart upload), so no partial output is ever visible.
@@ -34,15 +34,24 @@ import pyarrow as pa
 
 from edsr_ray import storage
 from edsr_ray.batch.inputs import ITEM_ERRORS, Task, is_within, written_format
+from edsr_ray.codecs import (
+    MAX_PIXELS_DEFAULT,
+    OUTPUT_FORMATS,
+    SAME_FORMAT,
+    DecodedImage,
+    check_output_size,
+    decode_image,
+    encode_image,
+)
 from edsr_ray.config import InferenceConfig, from_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, ImageError, StorageError
-from edsr_ray.imaging import MAX_PIXELS_DEFAULT, DecodedImage, check_output_size, decode_image, encode_image
 from edsr_ray.storage import StorageConfig
 
 logger = logging.getLogger(__name__)
 
-# Formats outputs are written in; "same" keeps an input's format when it is one of these (by extension).
-OUTPUT_FORMATS = ("same", "png", "jpeg", "webp")
+# What --format takes: an output format of edsr_ray.codecs, or "same" (an input's format when it is an output format,
+# told by its extension).
+FORMAT_CHOICES = (SAME_FORMAT, *OUTPUT_FORMATS)
 PNG_COMPRESSION = ("fast", "small")
 # Pillow's default zlib level: what "small" PNGs are written with.
 SMALL_PNG_LEVEL = 6
@@ -90,24 +99,25 @@ MANIFEST_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class OutputOptions:
-    """How inputs are read and outputs written.
+class CodecOptions:
+    """How the codec stages decode inputs and encode outputs.
 
-    ``fmt`` "same" keeps each input's format (PNG for formats that are not written, e.g. TIFF). ``png_compression``
-    "fast" writes 8-bit RGB/RGBA PNGs with fpng (a 1080p image in 7 ms on one core, 57x faster than Pillow's default;
-    files 1.34x the size: benchmarks/RESULTS.md) and other PNGs with zlib level 1; "small" uses zlib level 6
-    (Pillow's default) everywhere: the smallest files, ~400 ms per 1080p image, too slow to keep up with a GPU.
-    ``max_pixels`` is the decompression-bomb guard for inputs.
+    ``max_pixels`` is the batch job's pixel limit: inputs with more pixels fail, from their header, before decoding
+    (:func:`edsr_ray.codecs.check_pixels`). ``fmt`` "same" keeps each input's format (PNG for formats that are not
+    written, e.g. TIFF). ``png_compression`` "fast" writes 8-bit RGB/RGBA PNGs with fpng, many times faster than
+    Pillow's default encoder for somewhat larger files, and other PNGs with zlib level 1; "small" uses zlib level 6
+    (Pillow's default) everywhere: the smallest files, far too slow to keep up with a GPU (the figures:
+    ``benchmarks/RESULTS.md``).
     """
 
-    fmt: str = "same"
+    fmt: str = SAME_FORMAT
     quality: int = 95  # JPEG / WebP
     png_compression: str = "fast"
     max_pixels: int = MAX_PIXELS_DEFAULT
 
     def __post_init__(self) -> None:
-        if self.fmt not in OUTPUT_FORMATS:
-            raise ConfigError(f"output format must be one of {list(OUTPUT_FORMATS)}, got {self.fmt!r}")
+        if self.fmt not in FORMAT_CHOICES:
+            raise ConfigError(f"output format must be one of {list(FORMAT_CHOICES)}, got {self.fmt!r}")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"quality must be in 1..100, got {self.quality}")
         if self.png_compression not in PNG_COMPRESSION:
@@ -217,8 +227,8 @@ def _storage_cfg(storage_config: Mapping[str, Any] | StorageConfig | None) -> St
     return from_dict(StorageConfig, storage_config, source="storage settings")
 
 
-def _output_options(options: Mapping[str, Any] | OutputOptions) -> OutputOptions:
-    return options if isinstance(options, OutputOptions) else from_dict(OutputOptions, options, source="options")
+def _codec_options(options: Mapping[str, Any] | CodecOptions) -> CodecOptions:
+    return options if isinstance(options, CodecOptions) else from_dict(CodecOptions, options, source="options")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,11 +249,11 @@ def decode_batch(
     max_pixels: int = MAX_PIXELS_DEFAULT,
     storage_config: Mapping[str, Any] | None = None,
     scale: int | None = None,
-    fmt: str = "same",
+    fmt: str = SAME_FORMAT,
 ) -> pa.Table:
     """Task rows → image rows: every input read (several at once) and decoded; failures keep their reason.
 
-    With ``scale``, an input whose upscaled size its output format (``fmt``, an :data:`OUTPUT_FORMATS` value) cannot
+    With ``scale``, an input whose upscaled size its output format (``fmt``, one of :data:`FORMAT_CHOICES`) cannot
     store fails here, before the model stage spends any time on it.
     """
     cfg = _storage_cfg(storage_config)
@@ -286,7 +296,7 @@ class UpscaleBatch:
         model: a model, a checkpoint dict (:func:`~edsr_ray.weights.model_checkpoint`), or a one-element list holding a
             Ray object reference to one (the driver puts the weights in the object store once).
         scale: the scale to upscale by (already checked against the model).
-        inference: :class:`~edsr_ray.config.InferenceConfig` fields (tile, self_ensemble, precision, max_pixels).
+        inference: :class:`~edsr_ray.config.InferenceConfig` fields (tile, self_ensemble, precision).
         device: ``"cpu"``, ``"cuda"``, or None (CUDA when available).
         threads: torch threads for CPU inference (None leaves torch's default).
     """
@@ -382,14 +392,14 @@ def _free_cuda_cache() -> None:
 # Stage 3: encode + write (CPU tasks)
 
 
-def encode_output(image: DecodedImage, fmt: str, options: OutputOptions) -> bytes:
+def encode_output(image: DecodedImage, fmt: str, options: CodecOptions) -> bytes:
     """Encode an upscaled image as ``fmt`` (png, jpeg or webp) with the options' quality and PNG compression."""
     level = SMALL_PNG_LEVEL if options.png_compression == "small" else 1  # 1: fpng where it can
     return encode_image(image, fmt, quality=options.quality, png_compress_level=level)
 
 
 def encode_and_write(
-    dest: str, image: DecodedImage, options: OutputOptions, output_uri: str, cfg: StorageConfig | None = None
+    dest: str, image: DecodedImage, options: CodecOptions, output_uri: str, cfg: StorageConfig | None = None
 ) -> int:
     """Encode the upscaled image in its output's format and write it atomically; returns the bytes written."""
     data = encode_output(image, written_format(dest, options.fmt), options)
@@ -402,12 +412,12 @@ def write_batch(
     images: pa.Table,
     *,
     output_uri: str,
-    options: Mapping[str, Any] | OutputOptions,
+    options: Mapping[str, Any] | CodecOptions,
     storage_config: Mapping[str, Any] | None = None,
 ) -> pa.Table:
     """Image rows → manifest rows: each upscaled image encoded here and written by a few threads (so uploads overlap
     the next encode); rows that failed earlier, or fail now, become ``failed`` rows with their reason."""
-    opts = _output_options(options)
+    opts = _codec_options(options)
     cfg = _storage_cfg(storage_config)
     records, buffers = _rows(images)
     rows: list[dict[str, Any]] = []

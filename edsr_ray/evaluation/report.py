@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from edsr_ray import storage
+from edsr_ray.codecs import decode_image, encode_image
 from edsr_ray.errors import StorageError
 from edsr_ray.evaluation.sets import protocol_for
-from edsr_ray.imaging import decode_image, encode_image
 from edsr_ray.storage import StorageConfig
 
 PROTOCOL_NOTE = (

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from edsr_ray import storage
+from edsr_ray.codecs import decode_image, encode_image
 from edsr_ray.config import from_dict
 from edsr_ray.errors import EdsrRayError, EvaluationError
 from edsr_ray.evaluation.report import ImageResult, output_join, safe_name
-from edsr_ray.imaging import decode_image, encode_image, imresize
+from edsr_ray.imaging import imresize
 from edsr_ray.metrics import psnr, ssim
 from edsr_ray.storage import StorageConfig
 

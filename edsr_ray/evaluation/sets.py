@@ -20,9 +20,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from edsr_ray import storage
+from edsr_ray.codecs import IMAGE_SUFFIXES
 from edsr_ray.config import SCALES
 from edsr_ray.errors import EvaluationError
-from edsr_ray.imaging import IMAGE_SUFFIXES
 from edsr_ray.manifest import MANIFEST_NAME, read_manifest
 from edsr_ray.storage import StorageConfig
 

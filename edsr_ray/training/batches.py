@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from edsr_ray import storage as storage_lib
+from edsr_ray.codecs import decode_rgb8
 from edsr_ray.config import DataConfig
 from edsr_ray.errors import EdsrRayError, ImageError
 from edsr_ray.manifest import DIV2K, lr_column, read_manifest, select, split_range
 from edsr_ray.storage import StorageConfig
-from edsr_ray.training.patches import decode_rgb8
 
 if TYPE_CHECKING:
     import torch
@@ -249,7 +249,8 @@ def to_model_batch(
         on_cpu = not isinstance(x, torch.Tensor) or x.device.type == "cpu"
         if device.type == "cpu" and on_cpu:
             # Convert in NumPy, in one single-threaded pass: torch would spread these small copies over its intra-op
-            # threads, which costs several times the CPU of the copy itself (measured: 2.4 vs 0.3 ms per batch).
+            # threads, which costs several times the CPU of the copy itself (the trainer-side row of
+            # benchmarks/bench_patches.py measures this path).
             x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
             if channels_last:
                 t = torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2)  # (B, 3, H, W), NHWC storage

@@ -25,7 +25,6 @@ import functools
 import logging
 import math
 import secrets
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -35,9 +34,9 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from edsr_ray import storage as storage_lib
+from edsr_ray.codecs import decode_rgb8
 from edsr_ray.config import DataConfig
-from edsr_ray.errors import EdsrRayError, ImageError, ImageTooLargeError
-from edsr_ray.imaging import MAX_PIXELS_DEFAULT, decode_image
+from edsr_ray.errors import EdsrRayError, ImageError
 from edsr_ray.manifest import DIV2K, fits_patch, lr_column, read_manifest, select, split_range
 from edsr_ray.storage import StorageConfig
 
@@ -53,33 +52,6 @@ MAX_READ_TASKS = 2000
 
 # --------------------------------------------------------------------------------------------------------------------
 # Decoding and cutting
-
-
-def decode_rgb8(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
-    """(H, W, 3) uint8 pixels of a dataset image.
-
-    Ingest stores every image as an 8-bit RGB PNG, which goes straight to libspng (pyspng; ~2.5x faster than
-    Pillow on a 2K photo) after a header check against ``max_pixels``. Anything else takes the general
-    :func:`~edsr_ray.imaging.decode_image` path (16-bit rounded to 8 bit, grey expanded, alpha ignored).
-    """
-    if data[:8] == _PNG_SIGNATURE and len(data) >= 33 and data[12:16] == b"IHDR":
-        width, height, bit_depth, color_type = struct.unpack(">IIBB", data[16:26])
-        if width * height > max_pixels:
-            raise ImageTooLargeError(f"{name}: {width}x{height} exceeds the limit of {max_pixels:,} pixels")
-        if bit_depth == 8 and color_type == 2:
-            import pyspng
-
-            try:
-                pixels = pyspng.load(data)  # (H, W, 3) uint8
-            except RuntimeError as exc:
-                raise ImageError(f"{name}: corrupt PNG: {exc}") from None
-            if pixels.shape == (height, width, 3):
-                return pixels
-    image = decode_image(data, name=name, max_pixels=max_pixels)
-    rgb = image.rgb
-    if rgb.dtype == np.uint16:
-        rgb = ((rgb.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    return rgb
 
 
 def apply_transform(patch: np.ndarray, code: int) -> np.ndarray:
