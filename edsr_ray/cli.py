@@ -113,6 +113,7 @@ def open_run_log(name: str) -> Path:
     root.setLevel(logging.INFO)
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.set_name(_RUN_LOG)
+    file_handler.setLevel(logging.INFO)  # libraries that log DEBUG keep those in their own files (Ray Data does)
     file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(file_handler)
     return path

@@ -72,5 +72,9 @@ def test_project_messages_of_workers_reach_the_driver(local_ray, caplog):
 
     with caplog.at_level(logging.INFO, logger="edsr_ray"), relayed_logs() as mailbox:
         assert ray.get(work.remote(mailbox))
-    relayed = [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("edsr_ray.demo")]
-    assert relayed == [("edsr_ray.demo", logging.INFO, "(rank 0) step 10/60 loss 1.5")]
+    relayed = [r for r in caplog.records if r.name.startswith("edsr_ray.demo")]
+    assert [(r.name, r.levelno, r.getMessage()) for r in relayed] == [
+        ("edsr_ray.demo", logging.INFO, "(rank 0) step 10/60 loss 1.5")
+    ]
+    # Stamped with the worker's time, seconds and milliseconds alike.
+    assert relayed[0].msecs == pytest.approx((relayed[0].created % 1) * 1000, abs=1)

@@ -166,7 +166,8 @@ class _Forward(logging.Handler):
                 "levelno": record.levelno,
                 "levelname": record.levelname,
                 "msg": f"({self._source}) {record.getMessage()}",
-                "created": record.created,
+                "created": record.created,  # the worker's clock: when it happened there
+                "msecs": record.msecs,
             }
             self._mailbox.post.remote(item)  # fire and forget: a worker never waits for the driver
         except Exception:
