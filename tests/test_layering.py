@@ -1,76 +1,59 @@
-"""The package's imports go one way: every module has a layer, imports point at the same layer or below, and the
-import graph has no cycle. Imports inside functions count as much as those at the top of a module: a cycle that
-only closes at run time still ties two modules together.
+"""The package's imports go one way. The README's code map is the declaration: its rows list every module in the order
+data flows, and a module imports only from its own row and the rows above it; the import graph has no cycle. Imports
+inside functions count as much as those at the top of a module: a cycle that only closes at run time still ties two
+modules together.
 
-A new module gets a line in :data:`LAYERS`; a test failure here names the import that breaks the order.
+A new module gets a place in the code map; a failure here names the import that breaks the order.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).parents[1] / "edsr_ray"
-
-# Bottom to top: what each layer may build on is everything at its own layer or below.
-LAYERS: dict[str, int] = {
-    # Foundations: exceptions, locations and bytes, the project home, typed configs.
-    "edsr_ray": 0,
-    "edsr_ray.errors": 0,
-    "edsr_ray.storage": 1,
-    "edsr_ray.home": 1,
-    "edsr_ray.config": 2,
-    # Infrastructure: the Ray connection, server processes, the commands' helper. Knows nothing of images or models.
-    "edsr_ray.infra": 3,
-    "edsr_ray.infra.processes": 3,
-    "edsr_ray.infra.ray": 3,
-    "edsr_ray.cli": 3,
-    "edsr_ray.samples": 3,
-    "edsr_ray.infra.objectstore": 4,
-    "edsr_ray.infra.localcluster": 4,
-    "edsr_ray.infra.launcher": 4,
-    # Pixels, networks, numbers, records.
-    "edsr_ray.codecs": 5,
-    "edsr_ray.imaging": 5,
-    "edsr_ray.metrics": 5,
-    "edsr_ray.models": 6,
-    "edsr_ray.tracking": 6,
-    "edsr_ray.manifest": 6,
-    "edsr_ray.weights": 7,
-    "edsr_ray.inference": 8,
-    # The product: ingest, training, batch upscaling, evaluation, serving.
-    "edsr_ray.ingest": 9,
-    "edsr_ray.batch": 9,
-    "edsr_ray.batch.inputs": 9,
-    "edsr_ray.batch.stages": 9,
-    "edsr_ray.batch.reports": 9,
-    "edsr_ray.batch.job": 9,
-    "edsr_ray.evaluation": 9,
-    "edsr_ray.evaluation.sets": 9,
-    "edsr_ray.evaluation.report": 9,
-    "edsr_ray.evaluation.scoring": 9,
-    "edsr_ray.evaluation.run": 9,
-    "edsr_ray.serving": 9,
-    "edsr_ray.training": 9,
-    "edsr_ray.training.patches": 9,
-    "edsr_ray.training.batches": 9,
-    "edsr_ray.training.update": 9,
-    "edsr_ray.training.checkpoints": 9,
-    "edsr_ray.training.loop": 9,
-    "edsr_ray.training.run": 9,
-    "edsr_ray.quickstart": 10,
-}
+ROOT = Path(__file__).parents[1]
+PACKAGE = ROOT / "edsr_ray"
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def code_map_rows() -> list[list[str]]:
+    """The code map's rows, top to bottom, as the module names (or ``package.`` prefixes) in their first cell."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Code map\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names = []
+        for token in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            path = token if token.startswith("edsr_ray/") else f"edsr_ray/{token}"
+            if token.endswith("/") and token.startswith("edsr_ray/"):
+                names.append(path.rstrip("/").replace("/", ".") + ".")
+            elif token.endswith(".py"):
+                names.append(path.removesuffix(".py").replace("/", "."))
+        if names:
+            rows.append(names)
+    return rows
+
+
+def row_of(module: str, rows: list[list[str]]) -> int | None:
+    if module == "edsr_ray":
+        return -1  # the package itself: its version string, importable by all
+    for i, names in enumerate(rows):
+        if any(module == n or (n.endswith(".") and (module + ".").startswith(n)) for n in names):
+            return i
+    return None
 
 
 def internal_imports(path: Path, known: set[str]) -> set[str]:
@@ -110,19 +93,22 @@ def graph() -> dict[str, set[str]]:
     return {name: internal_imports(path, set(mods)) - {name} for name, path in mods.items()}
 
 
-def test_every_module_has_a_layer(graph):
-    assert sorted(set(graph) - set(LAYERS)) == [], "give each new module a layer in LAYERS"
-    assert sorted(set(LAYERS) - set(graph)) == [], "LAYERS names modules that do not exist"
+def test_the_code_map_places_every_module(graph):
+    rows = code_map_rows()
+    assert [m for m in sorted(graph) if row_of(m, rows) is None] == [], "give each new module a row in the code map"
+    named = [n for names in rows for n in names if not n.endswith(".")]
+    assert [n for n in named if n not in graph] == [], "the code map names modules that do not exist"
 
 
-def test_imports_never_point_up(graph):
-    upward = [
-        f"{mod} (layer {LAYERS[mod]}) imports {dep} (layer {LAYERS[dep]})"
+def test_imports_never_point_down_the_code_map(graph):
+    rows = code_map_rows()
+    later = [
+        f"{mod} (row {row_of(mod, rows) + 1}) imports {dep} (row {row_of(dep, rows) + 1})"
         for mod, deps in sorted(graph.items())
         for dep in sorted(deps)
-        if dep != "edsr_ray" and LAYERS[dep] > LAYERS[mod]
+        if row_of(dep, rows) > row_of(mod, rows)
     ]
-    assert upward == []
+    assert later == []
 
 
 def test_no_import_cycle(graph):
@@ -154,6 +140,6 @@ def test_networks_need_torch_and_their_config_only():
     assert third_party_imports(path) - stdlib <= {"torch"}
 
 
-def test_the_foundations_do_not_import_ray():
-    for name in ("edsr_ray.errors", "edsr_ray.storage", "edsr_ray.home", "edsr_ray.config"):
+def test_the_foundations_and_the_manifest_do_not_import_ray():
+    for name in ("edsr_ray.errors", "edsr_ray.storage", "edsr_ray.home", "edsr_ray.config", "edsr_ray.manifest"):
         assert "ray" not in third_party_imports(modules()[name]), name
