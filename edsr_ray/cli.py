@@ -3,9 +3,10 @@
 A command's ``main(argv)`` parses its arguments, calls :func:`setup_logging` and returns :func:`run` of its work: the
 work's own status, or the status of the error that stopped it, printed as one ``error:`` line instead of a traceback.
 Run as a program (``if __name__ == "__main__": entry(main, "name")``), a command also gets a run log in the project
-home (:func:`edsr_ray.home.logs_dir`) that receives everything that is not its own output: other libraries' messages
-below warning level, Ray's below error level, and whatever native code writes to the process's standard error (Ray's
-core worker logs its errors there). The terminal shows the command's progress, its warnings and its summary.
+home (:func:`edsr_ray.home.logs_dir`) that keeps every log message from INFO up, and whatever native code writes to the
+process's standard error (Ray's core worker logs its errors there). The terminal shows the command's own messages, its
+progress bars and its summary, other libraries' warnings and Ray's errors (:class:`TerminalFilter`): the rest of what
+Ray and the other libraries say is in the run log.
 
 The exit status, the same in every command (the README's "Exit status" table is its documentation):
 :data:`DONE`, :data:`ITEMS_FAILED`, :data:`BAD_INPUT`, :data:`INTERRUPTED`.

@@ -58,12 +58,14 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def mlflow_module():
-    """Import MLflow with its usage telemetry off (nothing the project starts may call outside the machine)."""
-    from edsr_ray.infra.ray import quiet_environment
+    """Import MLflow with its usage telemetry off (nothing the project starts may call outside the machine), its
+    messages going through this process's logging rather than straight to the terminal."""
+    from edsr_ray.infra.ray import quiet_environment, to_process_logging
 
     quiet_environment()
     import mlflow
 
+    to_process_logging("mlflow")
     return mlflow
 
 

@@ -126,7 +126,13 @@ def route_driver_logs() -> None:
     Ray's errors)."""
     import ray.data  # noqa: F401  (configures the ray.data logger, which must exist before it is re-routed)
 
-    for name in RAY_DRIVER_LOGGERS:
+    to_process_logging(*RAY_DRIVER_LOGGERS)
+
+
+def to_process_logging(*names: str) -> None:
+    """Take the terminal handlers off the loggers ``names`` of a library that prints on its own (Ray, MLflow), keeping
+    its file handlers, and let their records reach this process's root logger, whose handlers decide."""
+    for name in names:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
