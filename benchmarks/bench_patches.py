@@ -197,15 +197,16 @@ def measure(rate: Rate) -> Iterator[Rate]:
 
 def naive_loop(images: list[tuple[str, str]], count: int, patch: int, scale: int) -> Rate:
     """Per patch: pick an image, download HR + LR, decode both, cut one aligned pair (same decoder as the stream)."""
-    from edsr_ray import data, storage
+    from edsr_ray import storage
+    from edsr_ray.training import patches
 
     rng = np.random.default_rng(0)
     with measure(Rate(patches=count)) as rate:
         for _ in range(count):
             hr_uri, lr_uri = images[rng.integers(len(images))]
-            hr = data.decode_rgb8(storage.read_bytes(hr_uri), hr_uri)
-            lr = data.decode_rgb8(storage.read_bytes(lr_uri), lr_uri)
-            data.cut_patches(lr, hr, scale, 1, patch, rng)
+            hr = patches.decode_rgb8(storage.read_bytes(hr_uri), hr_uri)
+            lr = patches.decode_rgb8(storage.read_bytes(lr_uri), lr_uri)
+            patches.cut_patches(lr, hr, scale, 1, patch, rng)
     return rate
 
 
@@ -214,7 +215,8 @@ def breakdown(
 ) -> dict[str, float]:
     """Median milliseconds per image for fetching (HR + LR), decoding (HR + LR) and cutting ``per_image`` patches,
     and for decoding the HR image as stored (fpng PNG) and as its source file (zlib PNG, as DIV2K's originals)."""
-    from edsr_ray import data, storage
+    from edsr_ray import storage
+    from edsr_ray.training import patches
 
     rng = np.random.default_rng(1)
     times: dict[str, list[float]] = {"fetch": [], "decode": [], "cut": [], "hr_stored": [], "hr_source": []}
@@ -223,13 +225,13 @@ def breakdown(
         t0 = time.perf_counter()
         hr_bytes, lr_bytes = storage.read_bytes(hr_uri), storage.read_bytes(lr_uri)
         t1 = time.perf_counter()
-        hr, lr = data.decode_rgb8(hr_bytes, hr_uri), data.decode_rgb8(lr_bytes, lr_uri)
+        hr, lr = patches.decode_rgb8(hr_bytes, hr_uri), patches.decode_rgb8(lr_bytes, lr_uri)
         t2 = time.perf_counter()
-        data.cut_patches(lr, hr, scale, per_image, patch, rng)
+        patches.cut_patches(lr, hr, scale, per_image, patch, rng)
         t3 = time.perf_counter()
-        data.decode_rgb8(hr_bytes, hr_uri)
+        patches.decode_rgb8(hr_bytes, hr_uri)
         t4 = time.perf_counter()
-        data.decode_rgb8(original, str(source))
+        patches.decode_rgb8(original, str(source))
         t5 = time.perf_counter()
         for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             times[key].append(1000 * value)
@@ -238,10 +240,11 @@ def breakdown(
 
 def read_task_work(cfg, scale: int, units: int) -> Rate:
     """The read tasks' own work (fetch, decode, cut, build the block) run in this process, without Ray."""
-    from edsr_ray import data
+    from edsr_ray import manifest
+    from edsr_ray.training import patches
 
-    source = data.PatchDatasource(
-        data._image_table(cfg, (scale,), "train", data.DIV2K, None),
+    source = patches.PatchDatasource(
+        patches._image_table(cfg, (scale,), "train", manifest.DIV2K, None),
         epoch_patches=cfg.epoch_patches,
         patches_per_image=cfg.patches_per_image,
         patch_size=cfg.patch_size,
@@ -252,15 +255,15 @@ def read_task_work(cfg, scale: int, units: int) -> Rate:
     plan = source.plan(entropy=0)[:units]
     with measure(Rate(patches=sum(u.count for u in plan))) as rate:
         for unit in plan:
-            data._read_unit(unit, cfg.patch_size, cfg.augment, None)
+            patches._read_unit(unit, cfg.patch_size, cfg.augment, None)
     return rate
 
 
 def stream(cfg, scale: int, epochs: int, cores: int) -> Rate:
     """Whole epochs of raw blocks from ``patch_dataset`` (after one warm-up epoch)."""
-    from edsr_ray import data
+    from edsr_ray.training import patches
 
-    ds = data.patch_dataset(cfg, (scale,), seed=0)
+    ds = patches.patch_dataset(cfg, (scale,), seed=0)
     rate = Rate(cores=cores)
     for epoch in range(epochs + 1):
         with measure(Rate()) as one:  # epoch 0 warms up workers and connections: measured, then dropped
@@ -279,15 +282,15 @@ def trainer_view(cfg, scale: int, batch: int, cores: int, *, materialized: bool 
     CPU time is what a Ray Train worker spends between updates to get its next batch (block fetch, shuffle pool,
     tensor conversion): the share of a core the model's process loses.
     """
-    from edsr_ray import data
+    from edsr_ray.training import batches, patches
 
-    ds = data.patch_dataset(cfg, (scale,), seed=2 if materialized else 1)
+    ds = patches.patch_dataset(cfg, (scale,), seed=2 if materialized else 1)
     if materialized:
         ds = ds.materialize()
-    for _ in data.iter_training_batches(ds, batch, (scale,)):
+    for _ in batches.iter_training_batches(ds, batch, (scale,)):
         pass
     with measure(Rate(cores=cores)) as rate:
-        rate.patches = sum(lr.shape[0] for lr, _, _ in data.iter_training_batches(ds, batch, (scale,)))
+        rate.patches = sum(lr.shape[0] for lr, _, _ in batches.iter_training_batches(ds, batch, (scale,)))
     return rate
 
 
@@ -310,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from edsr_ray import data, storage
+    from edsr_ray import manifest, storage
     from edsr_ray.config import DataConfig
+    from edsr_ray.infra.objectstore import EmbeddedS3
     from edsr_ray.ingest import ingest
-    from edsr_ray.objectstore import EmbeddedS3
 
     work = Path(args.work_dir)
     scale = 2
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 patches_per_image=args.patches_per_image,
                 epoch_patches=args.epoch_patches,
             )
-            rows = data.select(data.read_manifest(root), "DIV2K", (1, args.images), scale)
+            rows = manifest.select(manifest.read_manifest(root), "DIV2K", (1, args.images), scale)
             images = [
                 (storage.join(root, r["hr_key"]), storage.join(root, r[f"lr_x{scale}_key"])) for _, r in rows.iterrows()
             ]

@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = p.parse_args()
 
-    from edsr_ray.objectstore import EmbeddedS3
+    from edsr_ray.infra.objectstore import EmbeddedS3
 
     machine_line = f"{machine()}; load average at start {load_average()}"
     print(machine_line, flush=True)

@@ -56,7 +56,8 @@ def make_inputs(size: int, count: int = 16) -> list[bytes]:
     """Distinct size x size PNG crops of a real photo (so no two consecutive requests carry identical bytes)."""
     import numpy as np
 
-    from edsr_ray.imaging import encode_image, imresize
+    from edsr_ray.codecs import encode_image
+    from edsr_ray.imaging import imresize
     from edsr_ray.samples import photo
 
     source = photo("astronaut.png")  # (512, 512, 3)
@@ -166,7 +167,8 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from edsr_ray.models import EDSR, edsr_baseline, save_model
+    from edsr_ray.models import EDSR, edsr_baseline
+    from edsr_ray.weights import save_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to PyTorch on this machine")

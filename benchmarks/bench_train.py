@@ -8,12 +8,12 @@ Starts the embedded S3 server and a local Ray, writes the quickstart's DIV2K-lay
 with scikit-image), ingests it with LR x2 (the real ingest), then measures, with the model of
 ``configs/edsr_baseline_x2.yaml`` / ``edsr_x2.yaml`` (paper) / ``quickstart.yaml`` (tiny):
 
-* end to end: the project's trainer (:func:`edsr_ray.train.run_training`: one Ray Train worker fed by the patch
+* end to end: the project's trainer (:func:`edsr_ray.training.run.run_training`: one Ray Train worker fed by the patch
   stream, MLflow logging, a checkpoint at the end) for ``2 x steps`` updates; the figure is the trainer's own
   ``patches_per_s`` of the second ``steps`` updates (the first ones absorb start-up: pipeline, allocator, compile);
 * synthetic: a Ray Train worker with the same resources building the same model the same way (``prepare_model``,
   bf16 autocast + channels_last on a GPU, ``torch.compile`` with ``--compile``) and running the same
-  :class:`~edsr_ray.train.UpdateStep` on random tensors already on the device, ``steps`` timed updates after
+  :class:`~edsr_ray.training.update.UpdateStep` on random tensors already on the device, ``steps`` timed updates after
   ``steps`` warm-up ones. Like the trainer it keeps the losses on the device and reads them back once per window.
   It runs before and after the end-to-end run; the ratio is taken to their mean, and their difference shows how much
   the machine's load moved.
@@ -94,13 +94,14 @@ def synthetic_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     from edsr_ray.config import ExperimentConfig, from_dict
     from edsr_ray.models import build_model
-    from edsr_ray.train import LossWindow, prepare_for_training
+    from edsr_ray.training.loop import prepare_for_training
+    from edsr_ray.training.update import LossWindow
 
     cfg = from_dict(ExperimentConfig, loop_config["config"])
     steps, batch, scale = loop_config["steps"], cfg.train.batch_size, cfg.model.scales[0]
     device = ray.train.torch.get_device()
     torch.manual_seed(0)
-    # The trainer's own set-up (edsr_ray.train.train_loop_per_worker calls the same function).
+    # The trainer's own set-up (edsr_ray.training.loop.train_loop_per_worker calls the same function).
     _, update, channels_last = prepare_for_training(build_model(cfg.model), cfg, device, world_size=1)
     losses = LossWindow(steps, device)
     p = cfg.data.patch_size
@@ -145,7 +146,7 @@ def run_synthetic(cfg: Any, steps: int) -> dict[str, Any]:
 def run_end_to_end(cfg: Any, steps: int) -> float:
     """The trainer's ``patches_per_s`` over updates ``steps + 1 .. 2 * steps``, read back from MLflow."""
     from edsr_ray import tracking
-    from edsr_ray.train import run_training
+    from edsr_ray.training.run import run_training
 
     outcome = run_training(cfg, source=f"benchmarks/bench_train.py ({cfg.model.n_resblocks} blocks)")
     if outcome.steps != 2 * steps:
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from edsr_ray.infra.objectstore import EmbeddedS3
     from edsr_ray.ingest import ingest
-    from edsr_ray.objectstore import EmbeddedS3
     from edsr_ray.quickstart import build_sample_set
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -10,10 +10,10 @@ cropped) to it as PNG, and measures on this machine:
   ``--png-compression small``), as JPEG q95 and as WebP q90;
 * the codec-only rate: decode + encode of every image in a process pool as wide as the CPUs the job leaves to its
   codec tasks;
-* the model-only rate: the job's model stage (:class:`~edsr_ray.upscaling.UpscaleBatch`) on decoded images in Ray
+* the model-only rate: the job's model stage (:class:`~edsr_ray.batch.stages.UpscaleBatch`) on decoded images in Ray
   actors configured exactly like the job's (one per GPU, or CPU actors with or without the glibc settings of
   :data:`edsr_ray.batch.CPU_ACTOR_ENV`);
-* the job: :func:`edsr_ray.batch.run_upscale` from S3 to S3 on Ray Data, on N and on 2N images; "end to end" is
+* the job: :func:`edsr_ray.batch.job.run_upscale` from S3 to S3 on Ray Data, on N and on 2N images; "end to end" is
   2N / T(2N), actor start included; "steady" is N / (T(2N) - T(N)), where the fixed costs (starting the actors,
   filling and draining the pipeline) cancel out: the rate a long run settles at.
 
@@ -46,9 +46,10 @@ from PIL import Image
 from torch import nn
 
 from edsr_ray import batch
-from edsr_ray.imaging import DecodedImage, check_encoded_size, decode_image
-from edsr_ray.models import EDSR, edsr_baseline, save_model
-from edsr_ray.upscaling import OutputOptions, encode_output
+from edsr_ray.batch.stages import CodecOptions, encode_output
+from edsr_ray.codecs import DecodedImage, check_encoded_size, decode_image
+from edsr_ray.models import EDSR, edsr_baseline
+from edsr_ray.weights import save_model
 
 LR_SHAPE = (270, 480)
 SCALE = 4
@@ -156,7 +157,7 @@ def codec_timings(inputs: list[bytes], count: int) -> list[CodecTiming]:
     timings = [spng, pillow]
     for label, fmt, compression in (*FORMATS, ("WebP q90", "webp", "fast")):
         timing = CodecTiming(f"encode 1080x1920 {label}")
-        options = OutputOptions(fmt=fmt, png_compression=compression, quality=90 if fmt == "webp" else 95)
+        options = CodecOptions(fmt=fmt, png_compression=compression, quality=90 if fmt == "webp" else 95)
         encode_output(outputs[0], fmt, options)  # warm-up, not timed
         for img in outputs[: max(2, count // 4) if fmt == "webp" else count]:
             seconds, data = _timed(encode_output, img, fmt, options)
@@ -165,7 +166,7 @@ def codec_timings(inputs: list[bytes], count: int) -> list[CodecTiming]:
         timings.append(timing)
     # The size check every encode ends with (its header read back), alone: part of each encode timed above.
     check = CodecTiming(CHECK_LABEL)
-    png = encode_output(outputs[0], "png", OutputOptions(fmt="png"))
+    png = encode_output(outputs[0], "png", CodecOptions(fmt="png"))
     for _ in range(count):
         start = time.perf_counter()
         for _ in range(1000):
@@ -187,7 +188,7 @@ def _pool_init(inputs: list[bytes]) -> None:
 def _pool_codec(task: tuple[int, str, str]) -> int:
     i, fmt, compression = task
     decode_image(_POOL_INPUTS[i])
-    return len(encode_output(_POOL_OUTPUTS[i], fmt, OutputOptions(fmt=fmt, png_compression=compression)))
+    return len(encode_output(_POOL_OUTPUTS[i], fmt, CodecOptions(fmt=fmt, png_compression=compression)))
 
 
 def codec_only_rate(inputs: list[bytes], fmt: str, compression: str, workers: int) -> float:
@@ -207,8 +208,9 @@ def model_only_rate(model_path: str, source: str, inputs: int, plan: batch.Model
     """Images/s of the job's model stage in actors set up like the job's, on images decoded beforehand."""
     import ray
 
-    from edsr_ray.models import load_model, model_checkpoint
-    from edsr_ray.upscaling import UpscaleBatch, decode_batch, plan_tasks, tasks_table
+    from edsr_ray.batch.inputs import plan_tasks
+    from edsr_ray.batch.stages import UpscaleBatch, decode_batch, tasks_table
+    from edsr_ray.weights import load_model, model_checkpoint
 
     @ray.remote
     class ModelOnly:
@@ -255,7 +257,7 @@ def job_rate(model_path: str, source: str, output: str, fmt: str, compression: s
             model_path,
             f"{source}/{part}",
             f"{output}/{part}",
-            options=OutputOptions(fmt=fmt, png_compression=compression),
+            options=CodecOptions(fmt=fmt, png_compression=compression),
             progress=False,
         )
         assert summary.count("failed") == 0 and summary.count("skipped") == 0, summary.line()
@@ -362,7 +364,7 @@ def main() -> None:
 
     import ray
 
-    from edsr_ray.objectstore import EmbeddedS3
+    from edsr_ray.infra.objectstore import EmbeddedS3
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     on_gpu = torch.cuda.is_available()

@@ -19,7 +19,9 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-from edsr_ray.errors import ConfigError, LocationError
+from edsr_ray import home, storage
+from edsr_ray.errors import ConfigError, FieldError, LocationError, require
+from edsr_ray.storage import StorageConfig
 
 SCALES = (2, 3, 4)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -30,33 +32,15 @@ MAX_CONFIG_BYTES = 1 << 20
 T = TypeVar("T")
 
 
-class _FieldError(ConfigError):
-    """Raised inside ``__post_init__`` (a ConfigError naming the key); the loader adds the section path and file."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise _FieldError(key, message)
-
-
 def _require_location(value: str | None, key: str, *, models: bool = False) -> None:
     """A location setting must be in a scheme it supports: a local path, file:// or s3:// (and models:/ or runs:/ for
     weights); ``gs://x`` is refused here, naming the key, instead of becoming a local folder "gs:" at run time."""
     if not value:
         return
-    # edsr_ray.storage owns what a location means; it imports this module (StorageConfig), so it is imported here,
-    # when a config is built, never while either module is still loading.
-    from edsr_ray import storage
-
     try:
         storage.location_kind(value, storage.MODEL_LOCATIONS if models else storage.DATA_LOCATIONS)
     except LocationError as exc:
-        raise _FieldError(key, str(exc)) from None
+        raise FieldError(key, str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -73,57 +57,23 @@ class ModelConfig:
     rgb_range: int = 255  # pixel range the network works in (official weights: 255)
 
     def __post_init__(self) -> None:
-        _require(self.arch in ARCHS, "arch", f"must be one of {list(ARCHS)}, got {self.arch!r}")
-        _require(self.n_resblocks >= 1, "n_resblocks", f"must be >= 1, got {self.n_resblocks}")
-        _require(self.n_feats >= 1, "n_feats", f"must be >= 1, got {self.n_feats}")
-        _require(len(self.scales) >= 1, "scales", "must list at least one scale")
+        require(self.arch in ARCHS, "arch", f"must be one of {list(ARCHS)}, got {self.arch!r}")
+        require(self.n_resblocks >= 1, "n_resblocks", f"must be >= 1, got {self.n_resblocks}")
+        require(self.n_feats >= 1, "n_feats", f"must be >= 1, got {self.n_feats}")
+        require(len(self.scales) >= 1, "scales", "must list at least one scale")
         for s in self.scales:
-            _require(s in SCALES, "scales", f"scale {s} is not supported; choose from {list(SCALES)}")
-        _require(len(set(self.scales)) == len(self.scales), "scales", f"repeated scale in {list(self.scales)}")
+            require(s in SCALES, "scales", f"scale {s} is not supported; choose from {list(SCALES)}")
+        require(len(set(self.scales)) == len(self.scales), "scales", f"repeated scale in {list(self.scales)}")
         if self.arch == "edsr":
-            _require(len(self.scales) == 1, "scales", f"an EDSR model has one scale, got {list(self.scales)}")
-        _require(self.res_scale > 0, "res_scale", f"must be > 0, got {self.res_scale}")
-        _require(self.n_colors in (1, 3), "n_colors", f"must be 1 or 3, got {self.n_colors}")
-        _require(self.rgb_range > 0, "rgb_range", f"must be > 0, got {self.rgb_range}")
+            require(len(self.scales) == 1, "scales", f"an EDSR model has one scale, got {list(self.scales)}")
+        require(self.res_scale > 0, "res_scale", f"must be > 0, got {self.res_scale}")
+        require(self.n_colors in (1, 3), "n_colors", f"must be 1 or 3, got {self.n_colors}")
+        require(self.rgb_range > 0, "rgb_range", f"must be > 0, got {self.rgb_range}")
 
     @property
     def scale(self) -> int:
         """The single scale of an EDSR model (the first scale of an MDSR model)."""
         return self.scales[0]
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """Object-storage settings; unset fields fall back to the standard AWS environment and config files.
-
-    Credentials are never part of the config: they come from the environment or the named profile, so they are
-    never logged with the config.
-    """
-
-    endpoint_url: str | None = None  # S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS S3)
-    region: str | None = None  # default: AWS_REGION / AWS_DEFAULT_REGION / the profile's region
-    profile: str | None = None  # named AWS profile for credentials (default: AWS_PROFILE)
-    max_attempts: int = 5  # attempts per request, retrying 5xx, throttling and dropped connections with backoff
-    connect_timeout_s: float = 5.0  # a down endpoint fails after max_attempts of this
-    read_timeout_s: float = 60.0  # per request read timeout
-    # Largest file or object one read takes in (an image, a list file, a manifest, model weights); larger ones fail
-    # by name, before their content is read where the size is known up front.
-    max_read_bytes: int = 512 << 20
-    # Wall time one object read may take, all attempts included: a server that sends too slowly fails by name.
-    read_budget_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        _require(self.max_attempts >= 1, "max_attempts", f"must be >= 1, got {self.max_attempts}")
-        _require(self.connect_timeout_s > 0, "connect_timeout_s", f"must be > 0, got {self.connect_timeout_s}")
-        _require(self.read_timeout_s > 0, "read_timeout_s", f"must be > 0, got {self.read_timeout_s}")
-        _require(self.max_read_bytes >= 1, "max_read_bytes", f"must be >= 1, got {self.max_read_bytes}")
-        _require(self.read_budget_s > 0, "read_budget_s", f"must be > 0, got {self.read_budget_s}")
-        if self.endpoint_url is not None:
-            _require(
-                self.endpoint_url.startswith(("http://", "https://")),
-                "endpoint_url",
-                f"must start with http:// or https://, got {self.endpoint_url!r}",
-            )
 
 
 @dataclass(frozen=True)
@@ -147,12 +97,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         for key in ("train_range", "val_range"):
             lo, hi = getattr(self, key)
-            _require(1 <= lo <= hi, key, f"must be [first, last] with 1 <= first <= last, got {[lo, hi]}")
-        _require(self.patch_size >= 8, "patch_size", f"must be >= 8, got {self.patch_size}")
-        _require(self.patches_per_image >= 1, "patches_per_image", f"must be >= 1, got {self.patches_per_image}")
-        _require(self.epoch_patches >= 1, "epoch_patches", f"must be >= 1, got {self.epoch_patches}")
+            require(1 <= lo <= hi, key, f"must be [first, last] with 1 <= first <= last, got {[lo, hi]}")
+        require(self.patch_size >= 8, "patch_size", f"must be >= 8, got {self.patch_size}")
+        require(self.patches_per_image >= 1, "patches_per_image", f"must be >= 1, got {self.patches_per_image}")
+        require(self.epoch_patches >= 1, "epoch_patches", f"must be >= 1, got {self.epoch_patches}")
         if self.val_max_size is not None:
-            _require(self.val_max_size >= 16, "val_max_size", f"must be >= 16 or null, got {self.val_max_size}")
+            require(self.val_max_size >= 16, "val_max_size", f"must be >= 16 or null, got {self.val_max_size}")
         _require_location(self.root, "root")
 
 
@@ -177,16 +127,16 @@ class TrainConfig:
     seed: int = 0  # seed of initialisation and of each worker's RNG
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _require(self.lr_step >= 1, "lr_step", f"must be >= 1, got {self.lr_step}")
-        _require(0 < self.lr_gamma <= 1, "lr_gamma", f"must be in (0, 1], got {self.lr_gamma}")
-        _require(all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {list(self.betas)}")
-        _require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
-        _require(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
-        _require(self.val_every >= 1, "val_every", f"must be >= 1, got {self.val_every}")
-        _require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
-        _require(
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.lr_step >= 1, "lr_step", f"must be >= 1, got {self.lr_step}")
+        require(0 < self.lr_gamma <= 1, "lr_gamma", f"must be in (0, 1], got {self.lr_gamma}")
+        require(all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {list(self.betas)}")
+        require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        require(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
+        require(self.val_every >= 1, "val_every", f"must be >= 1, got {self.val_every}")
+        require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        require(
             self.precision in ("auto", "fp32", "bf16"),
             "precision",
             f"must be auto, fp32 or bf16, got {self.precision!r}",
@@ -204,10 +154,10 @@ class WorkersConfig:
     placement_strategy: str = "PACK"  # PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (workers on different nodes)
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
-        _require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-        _require(
+        require(
             self.placement_strategy in strategies,
             "placement_strategy",
             f"must be one of {list(strategies)}, got {self.placement_strategy!r}",
@@ -219,19 +169,25 @@ class RunConfig:
     """Where a training run keeps its checkpoints, and how it survives failures."""
 
     name: str = "edsr"  # run name: checkpoints go to storage_path/name
-    # Local folder or ``s3://bucket/prefix``; re-running with the same name and storage resumes the run.
-    storage_path: str = "~/.edsr-ray/runs"
+    # Local folder or ``s3://bucket/prefix``; re-running with the same name and storage resumes the run. None: runs/
+    # in the project home ($EDSR_RAY_HOME, default ~/.edsr-ray).
+    storage_path: str | None = None
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails (-1: forever)
     num_to_keep: int = 2  # checkpoints kept, best by validation PSNR (the latest is always kept too)
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}"
         )
-        _require(bool(self.storage_path), "storage_path", "must not be empty")
+        require(self.storage_path is None or bool(self.storage_path), "storage_path", "must not be empty")
         _require_location(self.storage_path, "storage_path")
-        _require(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}")
-        _require(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
+        require(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}")
+        require(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
+
+    @property
+    def location(self) -> str:
+        """Where the run's checkpoints go: ``storage_path``, else ``runs/`` in the project home."""
+        return self.storage_path or str(home.runs_dir())
 
 
 @dataclass(frozen=True)
@@ -244,30 +200,27 @@ class TrackingConfig:
     log_images: bool = True  # log a bicubic | model | HR picture at every validation
 
     def __post_init__(self) -> None:
-        _require(bool(self.experiment), "experiment", "must not be empty")
+        require(bool(self.experiment), "experiment", "must not be empty")
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """How images are upscaled: tiling, self-ensemble, precision and the decompression-bomb limit."""
+    """How images are upscaled by the one inference path (:class:`~edsr_ray.inference.Upscaler`): tiling,
+    self-ensemble, precision. The settings of the batch job; Serve and evaluation have their own."""
 
     tile: int | None = None  # LR tile side; None: whole image when it fits
     self_ensemble: bool = False  # x8 flips/transposes averaged (EDSR+ / MDSR+)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16
-    max_pixels: int = 40_000_000  # input pixels; larger images are refused before decoding
 
     def __post_init__(self) -> None:
         if self.tile is not None:
-            _require(self.tile >= 8, "tile", f"must be >= 8 or null, got {self.tile}")
-        _require(
-            self.precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}"
-        )
-        _require(self.max_pixels >= 1, "max_pixels", f"must be >= 1, got {self.max_pixels}")
+            require(self.tile >= 8, "tile", f"must be >= 8 or null, got {self.tile}")
+        require(self.precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole job: model, data, optimisation, workers, run storage, tracking, object storage and inference."""
+    """A training run: model, data, optimisation, workers, run storage, tracking and object storage."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -276,10 +229,9 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.train.batch_size % self.workers.num_workers == 0,
             "train.batch_size",
             f"global batch {self.train.batch_size} must divide evenly over {self.workers.num_workers} workers",
@@ -295,7 +247,7 @@ def _describe(value: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/override value to the annotated type, or raise _FieldError naming the key."""
+    """Convert a YAML/override value to the annotated type, or raise FieldError naming the key."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -310,10 +262,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
             return value.strip().lower() in ("true", "yes", "on")
-        raise _FieldError(key, f"expected true or false, got {_describe(value)}")
+        raise FieldError(key, f"expected true or false, got {_describe(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise _FieldError(key, f"expected an integer, got {_describe(value)}")
+            raise FieldError(key, f"expected an integer, got {_describe(value)}")
         if isinstance(value, int):
             return value
         # YAML 1.1 reads ``2e5`` as a string; accept numbers written that way when they are whole.
@@ -323,10 +275,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             number = None
         if number is not None and number.is_integer():
             return int(number)
-        raise _FieldError(key, f"expected an integer, got {_describe(value)}")
+        raise FieldError(key, f"expected an integer, got {_describe(value)}")
     if tp is float:
         if isinstance(value, bool):
-            raise _FieldError(key, f"expected a number, got {_describe(value)}")
+            raise FieldError(key, f"expected a number, got {_describe(value)}")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -334,11 +286,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise _FieldError(key, f"expected a number, got {_describe(value)}")
+        raise FieldError(key, f"expected a number, got {_describe(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise _FieldError(key, f"expected a string, got {_describe(value)}")
+        raise FieldError(key, f"expected a string, got {_describe(value)}")
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("[]() ").split(",") if v.strip()]
@@ -347,7 +299,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
-            raise _FieldError(key, f"expected a list of {len(args)} values, got {_describe(list(value))}")
+            raise FieldError(key, f"expected a list of {len(args)} values, got {_describe(list(value))}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this module, not user input
 
@@ -356,13 +308,13 @@ def _build(cls: type[T], data: Any, path: str) -> T:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise _FieldError(path, f"expected a mapping of keys, got {_describe(data)}")
+        raise FieldError(path, f"expected a mapping of keys, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{path}.{unknown[0]}" if path else str(unknown[0])
-        raise _FieldError(where, f"unknown key; valid keys here are {sorted(fields)}")
+        raise FieldError(where, f"unknown key; valid keys here are {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         key = f"{path}.{name}" if path else name
@@ -372,21 +324,21 @@ def _build(cls: type[T], data: Any, path: str) -> T:
         else:
             try:
                 kwargs[name] = _coerce(value, tp, key)
-            except _FieldError as exc:
-                raise _FieldError(key, exc.message) from None
+            except FieldError as exc:
+                raise FieldError(key, exc.message) from None
     try:
         return cls(**kwargs)
-    except _FieldError as exc:
+    except FieldError as exc:
         if "." in exc.key:  # a cross-section check already names its full key
             raise
-        raise _FieldError(f"{path}.{exc.key}" if path else exc.key, exc.message) from None
+        raise FieldError(f"{path}.{exc.key}" if path else exc.key, exc.message) from None
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, source: str = "<dict>") -> T:
     """Build (and validate) the dataclass ``cls`` from plain data; errors name ``source`` and the dotted key."""
     try:
         return _build(cls, data, "")
-    except _FieldError as exc:
+    except FieldError as exc:
         raise ConfigError(f"{source}: {exc.key}: {exc.message}") from None
 
 
@@ -454,8 +406,6 @@ def read_config_text(path: str | os.PathLike[str], what: str) -> str:
     Read like any input (:func:`edsr_ray.storage.read_bytes`): a FIFO or device named like a config fails at once
     instead of blocking, and a file over :data:`MAX_CONFIG_BYTES` is refused.
     """
-    from edsr_ray import storage  # see _require_location
-
     source = os.fspath(path)
     local = Path(source).expanduser()
     try:
@@ -501,7 +451,6 @@ SECTIONS = {
     "run": RunConfig,
     "tracking": TrackingConfig,
     "storage": StorageConfig,
-    "inference": InferenceConfig,
 }
 
 

@@ -42,9 +42,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from edsr_ray.codecs import DecodedImage
 from edsr_ray.config import PRECISIONS, InferenceConfig
 from edsr_ray.errors import ConfigError, EdsrRayError, ImageError
-from edsr_ray.imaging import DecodedImage, imresize
+from edsr_ray.imaging import imresize
 from edsr_ray.models import MeanShift, receptive_radius, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ class Upscaler:
     def __call__(
         self, image: np.ndarray | DecodedImage | torch.Tensor, scale: int | None = None
     ) -> np.ndarray | DecodedImage | torch.Tensor:
-        """Upscale a uint8 (H, W, 3) array, a :class:`~edsr_ray.imaging.DecodedImage` or a float (B, 3, H, W)
+        """Upscale a uint8 (H, W, 3) array, a :class:`~edsr_ray.codecs.DecodedImage` or a float (B, 3, H, W)
         tensor; the result is of the same kind (see :meth:`upscale`, :meth:`upscale_decoded`, :meth:`upscale_tensor`).
         """
         if isinstance(image, np.ndarray):

@@ -15,10 +15,10 @@ Written under the root (``s3://bucket/prefix`` or a folder)::
 
     DIV2K_train_HR/0001.png        DIV2K_train_LR_bicubic/X2/0001x2.png    (X3, X4; valid likewise)
     benchmark/Set5/HR/baby.png     benchmark/Set5/LR_bicubic/X2/babyx2.png
-    manifest.parquet               one row per HR image (edsr_ray.data.MANIFEST_COLUMNS)
+    manifest.parquet               one row per HR image (edsr_ray.manifest.MANIFEST_SCHEMA)
 
 Every image is stored as an 8-bit RGB PNG written by fpng (by zlib past fpng's size limits, see
-:func:`~edsr_ray.imaging.encode_image`): lossless, so its pixels are exactly the source's (EXIF orientation applied,
+:func:`~edsr_ray.codecs.encode_image`): lossless, so its pixels are exactly the source's (EXIF orientation applied,
 grey expanded, alpha dropped, 16 bit rounded), and libspng decodes it about twice as fast as a zlib-compressed PNG
 such as DIV2K's originals - decoding is most of the cost of the patch stream (``benchmarks/bench_patches.py``). The
 manifest keeps the checksum of each source file next to that of the object, and the sizes of the stored images.
@@ -63,12 +63,14 @@ from typing import Any
 
 import numpy as np
 
-from edsr_ray import data as data_lib
+from edsr_ray import manifest as manifest_lib
 from edsr_ray import storage as storage_lib
-from edsr_ray.config import SCALES, StorageConfig
+from edsr_ray.codecs import IMAGE_SUFFIXES, decode_image, encode_image
+from edsr_ray.config import SCALES
 from edsr_ray.errors import EdsrRayError, ImageError, StorageError
-from edsr_ray.imaging import IMAGE_SUFFIXES, decode_image, encode_image, imresize
-from edsr_ray.raycluster import ensure_ray
+from edsr_ray.imaging import imresize
+from edsr_ray.infra.ray import ensure_ray
+from edsr_ray.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -232,16 +234,16 @@ def _relative(file: SourceFile, source_root: str) -> str:
 def _classify(rel: str, file: SourceFile, label: str, dataset: str | None) -> _Found | None:
     """What a file is, from its path inside the source; None for files of layouts this ingest does not handle."""
     if m := _DIV2K_HR.search(rel):
-        return _Found("hr", dataset or data_lib.DIV2K, m["split"], m["stem"], None, file, True)
+        return _Found("hr", dataset or manifest_lib.DIV2K, m["split"], m["stem"], None, file, True)
     if m := _DIV2K_LR.search(rel):
-        return _Found("lr", dataset or data_lib.DIV2K, m["split"], m["stem"], int(m["scale"]), file, True)
+        return _Found("lr", dataset or manifest_lib.DIV2K, m["split"], m["stem"], int(m["scale"]), file, True)
     if m := _BENCH_LR.search(rel):
         return _Found("lr", dataset or m["set"] or label, None, m["stem"], int(m["scale"]), file, False)
     if m := _BENCH_HR.search(rel):
         return _Found("hr", dataset or m["set"] or label, None, m["stem"], None, file, False)
     if any(_OTHER_LAYOUT_DIR.match(part) for part in rel.split("/")[:-1]):
         return None
-    return _Found("hr", dataset or data_lib.DIV2K, None, PurePosixPath(rel).stem, None, file, False)
+    return _Found("hr", dataset or manifest_lib.DIV2K, None, PurePosixPath(rel).stem, None, file, False)
 
 
 def _div2k_split(stem: str) -> str | None:
@@ -287,7 +289,7 @@ def discover(
         if not _ID.match(f.stem) or f.stem.startswith("."):
             problems.append((f.file.name, "the file name cannot be used as an image id"))
             continue
-        if f.dataset == data_lib.DIV2K:
+        if f.dataset == manifest_lib.DIV2K:
             chosen = f.split or (split if split != "auto" else _div2k_split(f.stem))
             if chosen is None:
                 undecided.append(f.file.name)
@@ -344,7 +346,7 @@ def assign_indices(items: Iterable[Item], existing: Sequence[dict[str, Any]]) ->
             item.index = previous[item.key]
             continue
         used = taken.setdefault(item.dataset, set())
-        index = (_DIV2K_SPLIT_BASE[item.split] if item.dataset == data_lib.DIV2K else 0) + 1
+        index = (_DIV2K_SPLIT_BASE[item.split] if item.dataset == manifest_lib.DIV2K else 0) + 1
         while index in used:
             index += 1
         item.index = index
@@ -353,7 +355,7 @@ def assign_indices(items: Iterable[Item], existing: Sequence[dict[str, Any]]) ->
 
 def object_keys(dataset: str, split: str, image_id: str, scales: Iterable[int]) -> tuple[str, dict[int, str]]:
     """Keys (relative to the root) of an image's HR object and its LR objects per scale."""
-    if dataset == data_lib.DIV2K:
+    if dataset == manifest_lib.DIV2K:
         hr = f"DIV2K_{split}_HR/{image_id}.png"
         lr = {s: f"DIV2K_{split}_LR_bicubic/X{s}/{image_id}x{s}.png" for s in scales}
     else:
@@ -439,7 +441,7 @@ def ingest_item(task: _Task) -> ItemResult:
     hr_key, lr_keys = object_keys(item.dataset, item.split, item.id, task.scales)
 
     def old(scale: int, name: str) -> Any:
-        return prev.get(data_lib.lr_column(scale, name))
+        return prev.get(manifest_lib.lr_column(scale, name))
 
     try:
         hr_source = item.hr.read(task.max_source_bytes)
@@ -501,7 +503,7 @@ def ingest_item(task: _Task) -> ItemResult:
     width, height = int(row["hr_width"]), int(row["hr_height"])
     for scale in task.scales:
         if scale not in pending:
-            row.update({data_lib.lr_column(scale, f): old(scale, f) for f in data_lib.LR_FIELDS})
+            row.update({manifest_lib.lr_column(scale, f): old(scale, f) for f in manifest_lib.LR_FIELDS})
             result.skipped += 1
             continue
         lw, lh = width // scale, height // scale
@@ -534,12 +536,12 @@ def ingest_item(task: _Task) -> ItemResult:
         key = lr_keys[scale]
         sha = writer.put(key, encode_image(pixels), old(scale, "sha256") if old(scale, "key") == key else None)
         values = {"key": key, "width": lw, "height": lh, "sha256": sha, "generated": source_sha is None}
-        row.update({data_lib.lr_column(scale, f): v for f, v in values.items()})
-        row[data_lib.lr_column(scale, "source_sha256")] = source_sha
+        row.update({manifest_lib.lr_column(scale, f): v for f, v in values.items()})
+        row[manifest_lib.lr_column(scale, "source_sha256")] = source_sha
     # Scales not asked for this time keep what the manifest had, as long as the HR image is the same.
     if same_hr:
         for scale in (s for s in SCALES if s not in task.scales and old(s, "key") is not None):
-            row.update({data_lib.lr_column(scale, f): old(scale, f) for f in data_lib.LR_FIELDS})
+            row.update({manifest_lib.lr_column(scale, f): old(scale, f) for f in manifest_lib.LR_FIELDS})
     result.row = row
     return result
 
@@ -584,9 +586,9 @@ def _existing_rows(root: str, cfg: StorageConfig | None) -> list[dict[str, Any]]
     import pandas as pd
 
     try:
-        manifest = data_lib.read_manifest(root, cfg)
+        manifest = manifest_lib.read_manifest(root, cfg)
     except EdsrRayError as exc:
-        if not storage_lib.exists(data_lib.manifest_uri(root), cfg):
+        if not storage_lib.exists(manifest_lib.manifest_uri(root), cfg):
             return []
         raise EdsrRayError(f"{exc}; move it away to start a fresh dataset") from None
     rows = manifest.astype(object).to_dict("records")
@@ -684,7 +686,7 @@ def ingest(
 
     new_rows = sorted(rows.values(), key=lambda r: (r["dataset"], int(r["index"]), r["id"]))
     if _rows_differ(new_rows, existing_rows):
-        data_lib.write_manifest(new_rows, dest, storage)
+        manifest_lib.write_manifest(new_rows, dest, storage)
         report.manifest_written = True
     report.seconds = time.perf_counter() - started
     return report
@@ -707,4 +709,5 @@ def _rows_differ(new: list[dict[str, Any]], old: list[dict[str, Any]]) -> bool:
     if len(new) != len(old):
         return True
     key = lambda r: (r["dataset"], r["id"])  # noqa: E731
-    return not data_lib.manifest_table(sorted(new, key=key)).equals(data_lib.manifest_table(sorted(old, key=key)))
+    table = manifest_lib.manifest_table
+    return not table(sorted(new, key=key)).equals(table(sorted(old, key=key)))

@@ -2,8 +2,8 @@
 
 It starts the embedded S3 server, ingests a small DIV2K-layout set built from real photos that ship with scikit-image
 (some kept for validation only), trains a small EDSR with two Ray Train workers fed by the Ray Data patch stream,
-tracks the run in MLflow (sqlite) and registers the model. Everything lives under ``$EDSR_RAY_HOME/quickstart``
-(default ``~/.edsr-ray/quickstart``); running it again resumes or retrains the same run name.
+tracks the run in MLflow (sqlite) and registers the model. Its S3 data lives in the project home's ``quickstart/``
+(:func:`edsr_ray.home.quickstart_dir`), the MLflow store in its ``mlflow/``; each quickstart is a new run.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edsr_ray import samples, tracking
+from edsr_ray import home, samples, tracking
+from edsr_ray.codecs import encode_image
 from edsr_ray.config import ExperimentConfig, load_config
-from edsr_ray.imaging import encode_image
-from edsr_ray.raycluster import quiet_environment
+from edsr_ray.infra.ray import ensure_ray, quiet_environment, stop_ray
 
 log = logging.getLogger(__name__)
 
@@ -76,35 +76,29 @@ def quickstart_config(config_path: str | os.PathLike[str], overrides: Sequence[s
 
 def run_quickstart(config_path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> QuickstartResult:
     """Start the embedded services, ingest, train, register; returns the validation PSNR against bicubic."""
-    import ray
-
+    from edsr_ray.infra.objectstore import EmbeddedS3
     from edsr_ray.ingest import ingest
-    from edsr_ray.objectstore import EmbeddedS3
-    from edsr_ray.train import run_training
+    from edsr_ray.training.run import run_training
 
     cfg = quickstart_config(config_path, overrides)  # config errors before any service starts
-    home = tracking.data_home() / "quickstart"
-    home.mkdir(parents=True, exist_ok=True)
+    folder = home.quickstart_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     quiet_environment()
-    with EmbeddedS3(home / "s3", buckets=(BUCKET,)) as s3:
+    with EmbeddedS3(folder / "s3", buckets=(BUCKET,)) as s3:
         os.environ.update(s3.env())  # the driver, Ray's workers (started below) and pyarrow all read these
-        log.info("embedded S3 server at %s (data in %s)", s3.endpoint_url, home / "s3")
+        log.info("embedded S3 server at %s (data in %s)", s3.endpoint_url, folder / "s3")
         with tempfile.TemporaryDirectory(prefix="edsr-quickstart-") as tmp:
             build_sample_set(Path(tmp))
-            # Two Ray Train workers take a CPU each; the other logical CPUs are for Ray Data's read tasks.
-            ray.init(
-                address="local",
-                num_cpus=max(4, os.cpu_count() or 1),
-                object_store_memory=400 * 1024**2,
-                include_dashboard=True,  # serves the state API that Ray Train's placement-group cleaner polls
-                log_to_driver=True,
-            )
+            # A private local Ray, even when this machine runs others. Two Ray Train workers take a CPU each; the
+            # other logical CPUs are for Ray Data's read tasks. The dashboard serves the state API that Ray Train's
+            # placement-group cleaner polls.
+            ensure_ray(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=400 * 1024**2, include_dashboard=True)
             try:
                 report = ingest([tmp], cfg.data.root, scales=cfg.model.scales, progress=True)
                 log.info("%s", report.summary())
                 outcome = run_training(cfg, source=str(config_path))
             finally:
-                ray.shutdown()
+                stop_ray()
     scale = cfg.model.scale
     return QuickstartResult(
         psnr=outcome.metrics.get(f"val_psnr_x{scale}", float("nan")),

@@ -40,18 +40,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from edsr_ray import __version__
-from edsr_ray.config import PRECISIONS, SCALES, StorageConfig, from_dict, read_config_text, to_dict
+from edsr_ray.codecs import OUTPUT_FORMATS, SAME_FORMAT
+from edsr_ray.config import PRECISIONS, SCALES, from_dict, read_config_text, to_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, ImageError, ImageTooLargeError, LocationError
-from edsr_ray.storage import MODEL_LOCATIONS, location_kind
+from edsr_ray.storage import MODEL_LOCATIONS, StorageConfig, location_kind
 
 logger = logging.getLogger(__name__)
 
 INGRESS_DEPLOYMENT = "EdsrIngress"
 MODEL_DEPLOYMENT = "EdsrModel"
 CONFIG_ENV = "EDSR_SERVE_CONFIG"  # YAML file of settings read by the application builder when given no `config` arg
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
-_FORMAT_ALIASES = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp", "same": "same"}
-_SAME_FORMAT = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}  # input formats "same" can write back; others → PNG
+# Upload formats the service decodes (edsr_ray.codecs names): a service that takes untrusted uploads should not expose
+# every decoder Pillow carries, and a known signature separates "not an image" (415) from "a broken image" (400).
+ACCEPTED_FORMATS = ("png", "jpeg", "webp", "gif", "bmp", "tiff")
 # Model names are URL query values, multiplexed model ids and metric tag values: keep them plain.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -259,72 +260,43 @@ class RequestRejected(Exception):
         self.message = message
 
 
-def sniff_format(data: bytes) -> str | None:
-    """The image format named by the file's signature (PNG, JPEG, WEBP, GIF, BMP, TIFF), or None.
-
-    Only these formats are accepted: a service that takes untrusted uploads should not expose every decoder Pillow
-    carries, and a known signature separates "not an image" (415) from "a broken image" (400).
-    """
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if data[:2] == b"BM" and len(data) >= 26:
-        return "BMP"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "TIFF"
-    return None
-
-
 def check_image(data: bytes, *, name: str, max_pixels: int) -> tuple[int, int, str]:
     """(width, height, format) of an upload, read from its header; rejects non-images, broken and oversized ones."""
     if not data:
         raise RequestRejected(
             400, "empty_body", "the request has no image: send it as the raw body or as a multipart field 'file'"
         )
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise RequestRejected(
-            415,
-            "not_an_image",
-            f"{name}: not an image in a supported format (PNG, JPEG, WebP, GIF, BMP, TIFF); "
-            f"{len(data):,} bytes starting {data[:8].hex(' ')}",
-        )
-    from edsr_ray.imaging import probe_image
+    from edsr_ray.codecs import check_pixels, probe_image, sniff
 
+    found = sniff(data)
+    if found.kind != "image" or found.format not in ACCEPTED_FORMATS:
+        accepted = ", ".join(f.upper() for f in ACCEPTED_FORMATS)
+        raise RequestRejected(
+            415, "not_an_image", f"{name}: not an image in a supported format ({accepted}): {found.description}"
+        )
+    fmt = found.format.upper()
     try:
         width, height, _ = probe_image(data, name=name)
+        if width < 1 or height < 1:
+            raise ImageError(f"{name}: the {fmt} header declares an empty {width}x{height} image")
+        check_pixels(width, height, max_pixels, name)
     except ImageTooLargeError as exc:
         raise RequestRejected(413, "too_many_pixels", str(exc)) from None
     except ImageError as exc:
         raise RequestRejected(400, "corrupt_image", f"corrupt {fmt} image: {exc}") from None
-    if width < 1 or height < 1:
-        raise RequestRejected(
-            400, "corrupt_image", f"{name}: the {fmt} header declares an empty {width}x{height} image"
-        )
-    if width * height > max_pixels:
-        raise RequestRejected(
-            413,
-            "too_many_pixels",
-            f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} input pixels",
-        )
     return width, height, fmt
 
 
 def output_format(requested: str, input_format: str | None) -> str:
-    """The output format for the ``format`` parameter: png, jpeg (jpg), webp, or same (the input's, else png)."""
-    key = _FORMAT_ALIASES.get(requested.strip().lower())
-    if key is None:
+    """The output format for the ``format`` parameter (:func:`edsr_ray.codecs.output_format`), or a 422."""
+    from edsr_ray.codecs import output_format as resolve
+
+    try:
+        return resolve(requested, input_format)
+    except ImageError:
         raise RequestRejected(
             422, "bad_format", f"format {requested!r} is not supported; choose png, jpeg (jpg), webp or same"
-        )
-    if key == "same":
-        return _SAME_FORMAT.get(input_format or "", "png")
-    return key
+        ) from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -456,7 +428,7 @@ class EdsrModel:
 
     async def _load(self, name: str) -> _Loaded:
         from edsr_ray.inference import Upscaler
-        from edsr_ray.models import load_model
+        from edsr_ray.weights import load_model
 
         source = self._settings.models.get(name)
         if source is None:  # the ingress checks names; this guards direct handle calls
@@ -511,7 +483,7 @@ class EdsrModel:
         }
 
     async def upscale(self, model: str, image: Any, scale: int, self_ensemble: bool = False) -> Any:
-        """Upscale a :class:`~edsr_ray.imaging.DecodedImage` by ``scale`` with model ``model``; returns one too."""
+        """Upscale a :class:`~edsr_ray.codecs.DecodedImage` by ``scale`` with model ``model``; returns one too."""
         s = self._settings
         plain_rgb = image.bit_depth == 8 and image.alpha is None and not image.grey
         if s.max_batch_size > 1 and plain_rgb and image.height * image.width <= s.batch_max_pixels:
@@ -661,7 +633,7 @@ class EdsrIngress:
                 "default_model": s.default,
                 "precision": s.precision,
                 "models": entries,
-                "formats": [*OUTPUT_FORMATS, "same"],
+                "formats": [*OUTPUT_FORMATS, SAME_FORMAT],
                 "limits": {
                     "max_body_bytes": s.max_body_bytes,
                     "max_pixels": s.max_pixels,
@@ -787,7 +759,7 @@ class EdsrIngress:
     async def _upscale(
         self, request: Request, scale: int | None, model: str | None, fmt: str, self_ensemble: bool, quality: int
     ) -> Response:
-        from edsr_ray.imaging import check_output_size, content_type, decode_image, encode_image
+        from edsr_ray.codecs import check_output_size, content_type, decode_image, encode_image
 
         s = self._settings
         output_format(fmt, None)  # a bad format is refused before the body is read

@@ -4,12 +4,12 @@ Everything that reads or writes data (ingest, the patch stream, checkpoints, bat
 endpoint, region, credentials, retries and timeouts are decided in one place and both clients agree: the boto3 client
 used for single objects and the ``pyarrow.fs.S3FileSystem`` handed to Ray Data and Ray Train.
 
-Settings come from :class:`~edsr_ray.config.StorageConfig` where it sets them and otherwise from the standard AWS
-environment and config files (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` /
-``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``). ``cfg=None`` means environment
-only. Local paths may be plain (``~`` is expanded) or ``file://`` URIs; :func:`location_kind` is the one place that
-decides what a location string means, and refuses any other scheme (``gs://``, ``S3://``, ``gs:bucket``) instead of
-taking it for a local folder.
+Settings come from :class:`StorageConfig` (the ``storage`` section of every config) where it sets them and otherwise
+from the standard AWS environment and config files (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``).
+``cfg=None`` means environment only. Local paths may be plain (``~`` is expanded) or ``file://`` URIs;
+:func:`location_kind` is the one place that decides what a location string means, and refuses any other scheme
+(``gs://``, ``S3://``, ``gs:bucket``) instead of taking it for a local folder.
 
 Reads of user input are bounded: local files are checked to be regular files before they are opened (a FIFO, socket,
 device or directory named like an image fails at once instead of blocking), every read stops at
@@ -41,8 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from edsr_ray.config import StorageConfig
-from edsr_ray.errors import LocationError, StorageError
+from edsr_ray.errors import LocationError, StorageError, require
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -108,6 +107,42 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Object-storage settings; unset fields fall back to the standard AWS environment and config files.
+
+    Credentials are never part of the config: they come from the environment or the named profile, so they are
+    never logged with the config.
+    """
+
+    endpoint_url: str | None = None  # S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS S3)
+    region: str | None = None  # default: AWS_REGION / AWS_DEFAULT_REGION / the profile's region
+    profile: str | None = None  # named AWS profile for credentials (default: AWS_PROFILE)
+    max_attempts: int = 5  # attempts per request, retrying 5xx, throttling and dropped connections with backoff
+    connect_timeout_s: float = 5.0  # a down endpoint fails after max_attempts of this
+    read_timeout_s: float = 60.0  # per request read timeout
+    # Largest file or object one read takes in (an image, a list file, a manifest, model weights); larger ones fail
+    # by name, before their content is read where the size is known up front.
+    max_read_bytes: int = 512 << 20
+    # Wall time one object read may take, all attempts included: a server that sends too slowly fails by name.
+    read_budget_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        require(self.max_attempts >= 1, "max_attempts", f"must be >= 1, got {self.max_attempts}")
+        require(self.connect_timeout_s > 0, "connect_timeout_s", f"must be > 0, got {self.connect_timeout_s}")
+        require(self.read_timeout_s > 0, "read_timeout_s", f"must be > 0, got {self.read_timeout_s}")
+        require(self.max_read_bytes >= 1, "max_read_bytes", f"must be >= 1, got {self.max_read_bytes}")
+        require(self.read_budget_s > 0, "read_budget_s", f"must be > 0, got {self.read_budget_s}")
+        if self.endpoint_url is not None:
+            require(
+                self.endpoint_url.startswith(("http://", "https://")),
+                "endpoint_url",
+                f"must start with http:// or https://, got {self.endpoint_url!r}",
+            )
+
+
 _DEFAULT_SETTINGS = StorageConfig()  # what cfg=None means
 
 

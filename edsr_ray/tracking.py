@@ -1,6 +1,6 @@
 """MLflow tracking: an absolute tracking URI, experiments with fixed artifact roots, runs, pictures and the registry.
 
-The embedded default is a sqlite file under the project's data directory (``$EDSR_RAY_HOME``, default
+The embedded default is a sqlite file in the project home (:mod:`edsr_ray.home`: ``$EDSR_RAY_HOME``, default
 ``~/.edsr-ray``) with artifacts beside it, so a run logged from a Ray worker (whose cwd is Ray's session folder) lands
 in the same place as one logged from the driver. ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point
 everything at a server instead.
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edsr_ray import home
 from edsr_ray.config import TrackingConfig
 from edsr_ray.errors import EdsrRayError
 
@@ -31,13 +32,9 @@ MODEL_ARTIFACT = "model"  # artifact folder holding model.pt of a logged model
 RUN_KEY_TAG = "edsr_ray.run_key"
 
 
-def data_home() -> Path:
-    """The project's data directory (embedded S3 data, sqlite tracking store, artifacts, local runs)."""
-    return Path(os.environ.get("EDSR_RAY_HOME", "~/.edsr-ray")).expanduser().resolve()
-
-
 def default_tracking_uri() -> str:
-    return f"sqlite:///{data_home() / 'mlflow' / 'mlflow.db'}"
+    """The embedded store: a sqlite file in the project home (:func:`edsr_ray.home.mlflow_db`)."""
+    return f"sqlite:///{home.mlflow_db()}"
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -61,12 +58,14 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def mlflow_module():
-    """Import MLflow with its usage telemetry off (nothing the project starts may call outside the machine)."""
-    from edsr_ray.raycluster import quiet_environment
+    """Import MLflow with its usage telemetry off (nothing the project starts may call outside the machine), its
+    messages going through this process's logging rather than straight to the terminal."""
+    from edsr_ray.infra.ray import quiet_environment, to_process_logging
 
     quiet_environment()
     import mlflow
 
+    to_process_logging("mlflow")
     return mlflow
 
 
@@ -153,10 +152,10 @@ class RunLogger:
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """Log an (H, W[, C]) uint8/uint16 image as ``artifact_file`` (its extension picks PNG, JPEG or WebP).
 
-        Encoded by :func:`edsr_ray.imaging.encode_image`, the one encoder of every image the project writes, so a
+        Encoded by :func:`edsr_ray.codecs.encode_image`, the one encoder of every image the project writes, so a
         picture gets the same size checks as any output, rather than through MLflow's own Pillow call.
         """
-        from edsr_ray.imaging import encode_image, format_from_name
+        from edsr_ray.codecs import encode_image, format_from_name
 
         data = encode_image(image, format_from_name(artifact_file))
         folder, _, name = artifact_file.rpartition("/")

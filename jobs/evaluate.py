@@ -16,20 +16,19 @@ images and worst/best picture grids under --output, and logs them to MLflow when
 MLFLOW_TRACKING_URI is set. Runs on Ray Data (GPU actors when the cluster has GPUs; RAY_ADDRESS selects a cluster),
 or in this process with --local.
 
-Exit status: 0 every image evaluated; 1 some images failed while being evaluated (each listed with its reason; they
-are left out of the means and their cells marked *); 2 an error stopped the run, printed as one line: checked before
-anything is computed are unknown sets, missing LR partners, LR sizes in the manifest other than HR / scale, models
-that do not load and bad arguments.
+Exit status as every command (README, "Exit status"): 1 when some images failed while being evaluated (each listed
+with its reason; they are left out of the means and their cells marked *); checked before anything is computed, as
+bad input (2), are unknown sets, missing LR partners, LR sizes in the manifest other than HR / scale, models that do
+not load and bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from edsr_ray.errors import EdsrRayError
+from edsr_ray import cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,34 +64,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.tracking_uri:
-        # The same server resolves models:/ and runs:/ sources (edsr_ray.models reads MLFLOW_TRACKING_URI).
+        # The same server resolves models:/ and runs:/ sources (edsr_ray.weights reads MLFLOW_TRACKING_URI).
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from edsr_ray.evaluation import EvaluationOptions, evaluate
+    cli.setup_logging()
+    return cli.run(lambda: _evaluate(args))
 
-    try:
-        options = EvaluationOptions(
-            models=tuple(args.model),
-            datasets=tuple(args.dataset),
-            output=args.output,
-            sets=tuple(args.sets),
-            scales=tuple(args.scale),
-            self_ensemble=args.self_ensemble,
-            protocol=args.protocol,
-            tile=args.tile,
-            precision=args.precision,
-            limit=args.limit,
-            save_images=args.save_images,
-            grid=args.grid,
-            tracking_uri=args.tracking_uri,
-            experiment=args.experiment,
-            workers=args.workers,
-            use_ray=not args.local,
-        )
-        report = evaluate(options)
-    except EdsrRayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from edsr_ray.evaluation.run import EvaluationOptions, evaluate
+
+    options = EvaluationOptions(
+        models=tuple(args.model),
+        datasets=tuple(args.dataset),
+        output=args.output,
+        sets=tuple(args.sets),
+        scales=tuple(args.scale),
+        self_ensemble=args.self_ensemble,
+        protocol=args.protocol,
+        tile=args.tile,
+        precision=args.precision,
+        limit=args.limit,
+        save_images=args.save_images,
+        grid=args.grid,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        workers=args.workers,
+        use_ray=not args.local,
+    )
+    report = evaluate(options)
     print(report.table)
     for failure in report.failures:
         print(
@@ -106,4 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.entry(main, "evaluate")

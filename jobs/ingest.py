@@ -11,17 +11,17 @@ MATLAB-compatible bicubic. Re-running uploads only what is missing or changed. T
 from the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Runs on the Ray cluster of the job, or
 starts a local Ray.
 
-Exits 0 when every image was ingested, 1 when some failed (the manifest still lists the good ones), 2 for bad usage.
+Exit status as every command (README, "Exit status"): 1 when some images failed (the manifest still lists the good
+ones).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from edsr_ray.config import SCALES, StorageConfig, from_dict
-from edsr_ray.errors import EdsrRayError
+from edsr_ray import cli
+from edsr_ray.config import SCALES, from_dict
+from edsr_ray.storage import StorageConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,36 +44,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.max_source_mb is not None and args.max_source_mb < 1:
         parser.error(f"--max-source-mb must be >= 1, got {args.max_source_mb}")
 
+    return cli.run(lambda: _ingest(args))
+
+
+def _ingest(args: argparse.Namespace) -> int:
     from edsr_ray.ingest import MAX_SOURCE_BYTES, ingest
 
-    try:
-        storage = None
-        if args.endpoint_url:
-            storage = from_dict(StorageConfig, {"endpoint_url": args.endpoint_url}, source="--endpoint-url")
-        report = ingest(
-            args.source,
-            args.dest,
-            scales=args.scales,
-            dataset=args.dataset,
-            split=args.split,
-            workers=args.workers,
-            verify=args.verify,
-            storage=storage,
-            progress=not args.no_progress,
-            max_source_bytes=MAX_SOURCE_BYTES if args.max_source_mb is None else args.max_source_mb << 20,
-        )
-    except EdsrRayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    storage = None
+    if args.endpoint_url:
+        storage = from_dict(StorageConfig, {"endpoint_url": args.endpoint_url}, source="--endpoint-url")
+    report = ingest(
+        args.source,
+        args.dest,
+        scales=args.scales,
+        dataset=args.dataset,
+        split=args.split,
+        workers=args.workers,
+        verify=args.verify,
+        storage=storage,
+        progress=not args.no_progress,
+        max_source_bytes=MAX_SOURCE_BYTES if args.max_source_mb is None else args.max_source_mb << 20,
+    )
     print(report.summary())
-    return 1 if report.failed else 0
+    return cli.ITEMS_FAILED if report.failed else cli.DONE
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.entry(main, "ingest")

@@ -13,22 +13,20 @@ everything in this process instead. Each output keeps its input's relative key u
 are skipped, so re-running a killed job does only what is missing. Writes _manifest.parquet and _summary.json next to
 the outputs and prints a summary line.
 
-Exit status: 0 when every input was upscaled or skipped (or at most --allow-failures failed); 1 when more inputs
-failed (each is in the manifest with its reason, and logged); 2 when the run could not start (model, scale, input or
-options: one "error:" line); 3 when the run was interrupted by a cluster or storage failure (run it again to finish).
+Exit status as every command (README, "Exit status"): 0 also when at most --allow-failures inputs failed, 1 when more
+did (each is in the manifest with its reason, and logged); the summary line is printed by an interrupted run too.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from edsr_ray.batch import ComputeOptions, UpscaleInterrupted, run_upscale
-from edsr_ray.config import PRECISIONS, InferenceConfig, StorageConfig, from_dict
-from edsr_ray.errors import EdsrRayError
-from edsr_ray.imaging import MAX_PIXELS_DEFAULT
-from edsr_ray.upscaling import OUTPUT_FORMATS, PNG_COMPRESSION, OutputOptions
+from edsr_ray import cli
+from edsr_ray.batch.job import ComputeOptions, UpscaleInterrupted, run_upscale
+from edsr_ray.batch.stages import FORMAT_CHOICES, PNG_COMPRESSION, CodecOptions
+from edsr_ray.codecs import MAX_PIXELS_DEFAULT
+from edsr_ray.config import PRECISIONS, InferenceConfig, from_dict
+from edsr_ray.storage import StorageConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,13 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tile", type=int, help="LR tile side (default: whole images when they fit in memory)")
     p.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/transposes (EDSR+, 8x compute)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--format", choices=OUTPUT_FORMATS, default="same", help="output format (same: as the input)")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="same", help="output format (same: as the input)")
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality, 1-100 (default 95)")
     p.add_argument(
         "--png-compression",
         choices=PNG_COMPRESSION,
         default="fast",
-        help="fast (default): fpng, ~55x faster to encode, files ~1.3x larger; small: zlib level 6 like Pillow",
+        help="fast (default): fpng, far faster to encode, files a little larger; small: zlib level 6 like Pillow",
     )
     p.add_argument("--gpus", type=int, help="model actors with one GPU each (default: all GPUs; 0: CPU only)")
     p.add_argument("--workers", type=int, help="at most this many model actors (default: one per GPU, or CPUs-1)")
@@ -74,29 +72,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    cli.setup_logging(quiet=args.quiet)
+    return cli.run(lambda: _upscale(args))
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    inference = from_dict(
+        InferenceConfig,
+        {"tile": args.tile, "self_ensemble": args.self_ensemble, "precision": args.precision},
+        source="command line",
     )
+    options = CodecOptions(
+        fmt=args.format, quality=args.quality, png_compression=args.png_compression, max_pixels=args.max_pixels
+    )
+    compute = ComputeOptions(local=args.local, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size)
+    cfg = None
+    if args.max_read_bytes is not None:
+        cfg = from_dict(StorageConfig, {"max_read_bytes": args.max_read_bytes}, source="--max-read-bytes")
     try:
-        inference = from_dict(
-            InferenceConfig,
-            {
-                "tile": args.tile,
-                "self_ensemble": args.self_ensemble,
-                "precision": args.precision,
-                "max_pixels": args.max_pixels,
-            },
-            source="command line",
-        )
-        options = OutputOptions(
-            fmt=args.format, quality=args.quality, png_compression=args.png_compression, max_pixels=args.max_pixels
-        )
-        compute = ComputeOptions(local=args.local, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size)
-        cfg = None
-        if args.max_read_bytes is not None:
-            cfg = from_dict(StorageConfig, {"max_read_bytes": args.max_read_bytes}, source="--max-read-bytes")
         summary = run_upscale(
             args.model,
             args.input,
@@ -109,15 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg=cfg,
         )
     except UpscaleInterrupted as exc:
-        print(exc.summary.line(), flush=True)
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except EdsrRayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(exc.summary.line(), flush=True)  # what was done; the error line follows
+        raise
     print(summary.line(), flush=True)
     return summary.exit_code(args.allow_failures)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.entry(main, "upscale")

@@ -2,33 +2,31 @@
 
     python jobs/validate_cluster.py cluster.yaml
 
-Prints "ok" and exits 0 when the file passes Ray's schema, Ray's own config validation and the project's rules;
-otherwise prints one line naming the file, the key and the problem, and exits 2.
+Prints "ok" when the file passes Ray's schema, Ray's own config validation and the project's rules; otherwise one
+"error:" line naming the file, the key and the problem (exit status 2, as every command: README, "Exit status").
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from edsr_ray.cluster import validate_cluster_config
-from edsr_ray.errors import ConfigError
+from edsr_ray import cli
+from edsr_ray.infra.launcher import validate_cluster_config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", nargs="?", default="cluster.yaml", help="cluster-launcher YAML (default: cluster.yaml)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        validate_cluster_config(args.path)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cli.setup_logging(quiet=True)
+    return cli.run(lambda: _validate(args.path))
+
+
+def _validate(path: str) -> int:
+    validate_cluster_config(path)
     print("ok")
-    return 0
+    return cli.DONE
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.entry(main, "validate_cluster")

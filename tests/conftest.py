@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from edsr_ray.raycluster import quiet_environment
+from edsr_ray.infra.ray import quiet_environment
 
 quiet_environment()  # nothing the tests start may call outside the machine
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -69,7 +69,7 @@ def s3(tmp_path_factory):
     Its ``AWS_*`` variables (endpoint, credentials, region) are set in ``os.environ`` for the session, so
     ``edsr_ray.storage`` with ``cfg=None``, pyarrow, Ray workers and MLflow all reach it; they are restored afterwards.
     """
-    from edsr_ray.objectstore import EmbeddedS3
+    from edsr_ray.infra.objectstore import EmbeddedS3
 
     with EmbeddedS3(tmp_path_factory.mktemp("s3"), buckets=("edsr",)) as server, pytest.MonkeyPatch.context() as mp:
         for key, value in server.env().items():
@@ -96,6 +96,56 @@ def sample_div2k(tmp_path_factory, photos):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[:h, :w]).save(folder / f"{image_id}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def ray_data(s3):
+    """Local Ray with 4 logical CPUs on the 2-core machine: 2 for Train workers, the rest for Ray Data."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_root(s3, sample_div2k) -> str:
+    """:func:`sample_div2k` ingested once per session into the embedded S3 server, with its manifest (on a Ray of its
+    own when none runs yet, stopped again afterwards)."""
+    import ray
+    from sample_data import ROOT
+
+    from edsr_ray.infra.ray import stop_ray
+    from edsr_ray.ingest import ingest
+
+    started = not ray.is_initialized()
+    try:
+        report = ingest([str(sample_div2k)], ROOT, progress=False)
+    finally:
+        if started:
+            stop_ray()
+    assert report.failed == []
+    return ROOT
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A tiny random-weight EDSR x2 (2 blocks, 8 features) in a project checkpoint file."""
+    from edsr_ray.models import EDSR
+    from edsr_ray.weights import save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny_x2.pt"
+    save_model(EDSR(2, 8, 2), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_file):
+    """The network of :func:`model_file`, loaded."""
+    from edsr_ray.weights import load_model
+
+    return load_model(model_file)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -170,3 +220,13 @@ def special_files():
     ``folder``; returns file name -> the words its failure reason must contain. ``folder.png`` is a real folder (a
     folder walk enters it); every other name is listed by a walk."""
     return _make_special_files
+
+
+@pytest.fixture(scope="module")
+def lr_input() -> torch.Tensor:
+    """A 12x10 crop of a real photo, (1, 3, 12, 10) float in [0, 255]."""
+    from edsr_ray.samples import photos
+
+    crop = photos()["coffee"][100:112, 200:210]
+    # contiguous NCHW: a permuted (channels-last) view would send the convs down a much slower path on CPU
+    return torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float().contiguous()

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from edsr_ray import inference
+from edsr_ray.codecs import DecodedImage, decode_image, encode_image
 from edsr_ray.config import InferenceConfig, ModelConfig
 from edsr_ray.errors import ConfigError, ImageError
-from edsr_ray.imaging import DecodedImage, decode_image, encode_image, imresize
+from edsr_ray.imaging import imresize
 from edsr_ray.inference import UpscaleCancelled, Upscaler, stop_when, upscale, upscale_decoded, upscale_tensor
 from edsr_ray.models import EDSR, MDSR, edsr_baseline, receptive_radius
 

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from edsr_ray import storage
-from edsr_ray.data import read_manifest
 from edsr_ray.errors import EdsrRayError
 from edsr_ray.imaging import imresize
 from edsr_ray.ingest import assign_indices, discover, ingest
+from edsr_ray.manifest import read_manifest
 
 TRAIN = ("0001", "0002", "0003", "0004", "0005", "0006")
 VALID = ("0801", "0802")

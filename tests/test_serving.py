@@ -23,10 +23,10 @@ import pytest
 import torch
 import yaml
 
+from edsr_ray.codecs import DecodedImage, decode_image, encode_image
 from edsr_ray.errors import ConfigError
-from edsr_ray.imaging import DecodedImage, decode_image, encode_image
 from edsr_ray.inference import upscale, upscale_decoded
-from edsr_ray.models import EDSR, MDSR, load_model, save_model
+from edsr_ray.models import EDSR, MDSR
 from edsr_ray.serving import (
     INGRESS_DEPLOYMENT,
     MODEL_DEPLOYMENT,
@@ -37,6 +37,7 @@ from edsr_ray.serving import (
     output_format,
     settings_from_args,
 )
+from edsr_ray.weights import load_model, save_model
 
 ROOT = Path(__file__).parents[1]
 TOKEN_ENV = "EDSR_TEST_SERVE_TOKEN"

@@ -19,9 +19,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from edsr_ray import storage
-from edsr_ray.config import StorageConfig
 from edsr_ray.errors import LocationError, StorageError
-from edsr_ray.storage import NotFoundError
+from edsr_ray.storage import NotFoundError, StorageConfig
 
 
 @pytest.fixture

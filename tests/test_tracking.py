@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from edsr_ray import tracking
+from edsr_ray.codecs import decode_image
 from edsr_ray.config import TrackingConfig
 from edsr_ray.errors import EdsrRayError
-from edsr_ray.imaging import decode_image
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def store(tmp_path, monkeypatch):
     return uri
 
 
-def test_default_uri_is_absolute_sqlite_in_data_home(store, tmp_path):
+def test_default_uri_is_absolute_sqlite_in_the_project_home(store, tmp_path):
     assert store == f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}"
 
 
@@ -98,3 +98,14 @@ def test_comparison_picture_is_three_crops_side_by_side():
     np.testing.assert_array_equal(pic[:, :100], bic[top : top + 100, left : left + 100])
     np.testing.assert_array_equal(pic[:, 104:204], sr[top : top + 100, left : left + 100])
     np.testing.assert_array_equal(pic[:, 208:], hr[top : top + 100, left : left + 100])
+
+
+def test_mlflow_speaks_through_this_process_logging(caplog):
+    import logging
+
+    tracking.mlflow_module()
+    logger = logging.getLogger("mlflow")
+    assert logger.propagate and not [h for h in logger.handlers if type(h) is logging.StreamHandler]
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+    assert [r.name for r in caplog.records] == ["mlflow.store.db.utils"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from edsr_ray.config import _require
-from edsr_ray.imaging import MAX_PIXELS_DEFAULT
+from edsr_ray.codecs import MAX_PIXELS_DEFAULT
+from edsr_ray.errors import require as _require
 from edsr_ray.video.containers import OUTPUTS, REQUESTABLE
 
 _X26X_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")

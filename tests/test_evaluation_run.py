@@ -25,22 +25,17 @@ import numpy as np
 import pytest
 import torch
 
-from edsr_ray import data, storage
-from edsr_ray.errors import EdsrRayError
-from edsr_ray.evaluation import (
-    EvaluationError,
-    EvaluationOptions,
-    ModelSpec,
-    SummaryRow,
-    discover_sets,
-    evaluate,
-    format_cell,
-    markdown_table,
-)
-from edsr_ray.imaging import decode_image, encode_image, imresize
+from edsr_ray import manifest, storage
+from edsr_ray.codecs import decode_image, encode_image
+from edsr_ray.errors import EdsrRayError, EvaluationError
+from edsr_ray.evaluation.report import format_cell
+from edsr_ray.evaluation.run import EvaluationOptions, ModelSpec, evaluate
+from edsr_ray.evaluation.sets import discover_sets
+from edsr_ray.imaging import imresize
 from edsr_ray.inference import upscale
 from edsr_ray.metrics import psnr, ssim
-from edsr_ray.models import EDSR, MDSR, load_model, save_model
+from edsr_ray.models import EDSR, MDSR
+from edsr_ray.weights import load_model, save_model
 
 ROOT = Path(__file__).parents[1]
 SCALES = (2, 3)
@@ -89,8 +84,8 @@ def _write_layout(root: str, photos) -> None:
 def _manifest_rows(root: str) -> list[dict]:
     import pandas as pd
 
-    manifest = data.read_manifest(root)
-    return [{k: (None if v is pd.NA else v) for k, v in r.items()} for r in manifest.astype(object).to_dict("records")]
+    frame = manifest.read_manifest(root)
+    return [{k: (None if v is pd.NA else v) for k, v in r.items()} for r in frame.astype(object).to_dict("records")]
 
 
 @pytest.fixture(scope="module")
@@ -306,21 +301,6 @@ def test_markdown_table_has_the_papers_layout(report):
     assert "Y channel" in rep.table and "scale + 6" in rep.table
 
 
-def test_table_cells_and_failure_marks():
-    rows = [
-        SummaryRow("A", "Set5", 2, "benchmark", 5, 0, 38.1149, 0.96012, 0.1),
-        SummaryRow("A", "Set5", 3, "benchmark", 4, 1, 34.6, 0.92821, 0.1),
-        SummaryRow("B", "Set5", 2, "benchmark", 0, 5, float("nan"), float("nan"), float("nan")),
-    ]
-    assert format_cell(rows[0]) == "38.11/.9601"
-    assert format_cell(rows[1]) == "34.60/.9282*"
-    assert format_cell(rows[2]) == "failed"
-    table = markdown_table(rows, ["A", "B"], ["Set5"], [2, 3])
-    assert "| Set5 | ×2 | 38.11/.9601 | failed |" in table
-    assert "| Set5 | ×3 | 34.60/.9282* | n/a |" in table
-    assert "1 of 5" in table and "5 of 5" in table
-
-
 @pytest.mark.slow
 def test_csv_json_images_and_grids_under_the_output(report):
     rep, options = report
@@ -462,7 +442,7 @@ def test_manifest_mismatch_and_missing_partner_are_reported_before_running(s3_ro
         if row["id"] == "0803":
             row["lr_x3_key"] = None
     root = f"{s3_root}-bad-{uuid.uuid4().hex[:6]}"
-    data.write_manifest(rows, root)  # sizes and partners are checked from the manifest, before any image is read
+    manifest.write_manifest(rows, root)  # sizes and partners are checked from the manifest, before any image is read
     with pytest.raises(EvaluationError) as err:
         evaluate(EvaluationOptions(("bicubic",), (root,), str(tmp_path / "out"), scales=SCALES, use_ray=False))
     message = str(err.value)

@@ -10,8 +10,8 @@ import torch
 
 from edsr_ray import storage, tracking
 from edsr_ray.config import ExperimentConfig, from_dict
-from edsr_ray.localcluster import LocalCluster, NodeSpec
-from edsr_ray.train import run_training
+from edsr_ray.infra.localcluster import LocalCluster, NodeSpec
+from edsr_ray.training.run import run_training
 
 ROOT = "s3://edsr/multinode-tests/div2k"
 RUNS = "s3://edsr/multinode-tests/runs"

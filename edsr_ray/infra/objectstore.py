@@ -37,14 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edsr_ray.config import StorageConfig
+from edsr_ray import home
 from edsr_ray.errors import StorageError
-from edsr_ray.processes import find_command, log_tail
-from edsr_ray.storage import check_bucket_name
+from edsr_ray.infra.processes import find_command, log_tail
+from edsr_ray.storage import StorageConfig, check_bucket_name
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIR = "~/.edsr-ray/objectstore"
 DEFAULT_ACCESS_KEY = "edsr-ray"
 REGION = "us-east-1"
 HOST = "127.0.0.1"
@@ -496,9 +495,14 @@ def _forget_state(data_dir: Path, pid: int) -> None:
             path.unlink()
 
 
-def read_state(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> ObjectStoreState | None:
+def data_folder(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``data_dir`` made absolute; None is the project home's (:func:`edsr_ray.home.objectstore_dir`)."""
+    return Path(data_dir).expanduser().absolute() if data_dir else home.objectstore_dir()
+
+
+def read_state(data_dir: str | os.PathLike[str] | None = None) -> ObjectStoreState | None:
     """The state file of ``data_dir`` (None if there is none); the process it names may have exited since."""
-    path = Path(data_dir).expanduser().absolute() / STATE_FILE
+    path = data_folder(data_dir) / STATE_FILE
     try:
         data = json.loads(path.read_text())
         data["buckets"] = tuple(data.get("buckets", ()))
@@ -531,7 +535,7 @@ def _is_server(pid: int, data_dir: Path) -> bool:
     return b"mini" in argv and f"-dir={data_dir / 'data'}".encode() in argv
 
 
-def find_running(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> ObjectStoreState | None:
+def find_running(data_dir: str | os.PathLike[str] | None = None) -> ObjectStoreState | None:
     """The server running on ``data_dir``, or None (a stale state file is ignored)."""
     state = read_state(data_dir)
     if state is None or not _is_server(state.pid, Path(state.data_dir)):
@@ -540,7 +544,7 @@ def find_running(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> ObjectS
 
 
 def start_detached(
-    data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR,
+    data_dir: str | os.PathLike[str] | None = None,
     *,
     buckets: tuple[str, ...] | list[str] = ("edsr",),
     port: int | None = None,
@@ -550,13 +554,11 @@ def start_detached(
     running = find_running(data_dir)
     if running is not None:
         return running, False
-    server = EmbeddedS3(data_dir, buckets=buckets, port=port, ready_timeout_s=ready_timeout_s).start()
+    server = EmbeddedS3(data_folder(data_dir), buckets=buckets, port=port, ready_timeout_s=ready_timeout_s).start()
     return server.detach(), True
 
 
-def stop_running(
-    data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR, timeout_s: float = 15.0
-) -> ObjectStoreState | None:
+def stop_running(data_dir: str | os.PathLike[str] | None = None, timeout_s: float = 15.0) -> ObjectStoreState | None:
     """Stop the server running on ``data_dir`` (SIGTERM, then SIGKILL); returns its state, or None if none ran."""
     state = read_state(data_dir)
     if state is None:

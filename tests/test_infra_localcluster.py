@@ -1,8 +1,8 @@
 """Jobs on a local multi-process Ray cluster, submitted the way users submit them.
 
 The cluster is a ``ray start --head`` node and a second ``ray start`` node on this machine
-(:mod:`edsr_ray.localcluster`: free ports everywhere, temp dirs of its own, token authentication on). Each job goes
-through the real command line::
+(:mod:`edsr_ray.infra.localcluster`: free ports everywhere, temp dirs of its own, token authentication on). Each job
+goes through the real command line::
 
     ray job submit --address http://127.0.0.1:PORT --working-dir . --runtime-env-json '{"env_vars": {...}}' \\
         --no-wait -- python jobs/XXX.py ...
@@ -43,7 +43,7 @@ import pytest
 import torch
 
 from edsr_ray import storage, tracking
-from edsr_ray.localcluster import LocalCluster, NodeSpec, find_ray
+from edsr_ray.infra.localcluster import LocalCluster, NodeSpec, find_ray
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def test_two_nodes_with_their_own_ports_and_the_token_required(cluster):
 
 
 def test_training_job_registers_a_model_that_loads_at_any_size(trained):
-    from edsr_ray.models import load_model
+    from edsr_ray.weights import load_model
 
     assert succeeded(trained)
     assert f"finished {TOTAL_STEPS} updates" in trained.logs
@@ -246,9 +246,9 @@ def test_training_job_registers_a_model_that_loads_at_any_size(trained):
 def test_upscaling_job_writes_every_output_with_the_registered_model(cluster, job_env, trained):
     """The Ray Data upscaling job on both nodes: CPU model actors (their glibc settings merged into the job's runtime
     env), S3 in and out; every output equals the shared inference path on the same image."""
-    from edsr_ray.imaging import decode_image
+    from edsr_ray.codecs import decode_image
     from edsr_ray.inference import upscale
-    from edsr_ray.models import load_model
+    from edsr_ray.weights import load_model
 
     assert succeeded(trained)
     source, output = f"{DATA}/DIV2K_valid_LR_bicubic/X2", f"{BASE}/upscaled"
@@ -269,7 +269,8 @@ def test_upscaling_job_writes_every_output_with_the_registered_model(cluster, jo
 def test_evaluation_job_scores_the_registered_model_and_bicubic(cluster, job_env, trained):
     from skimage.metrics import peak_signal_noise_ratio
 
-    from edsr_ray.imaging import decode_image, imresize
+    from edsr_ray.codecs import decode_image
+    from edsr_ray.imaging import imresize
 
     assert succeeded(trained)
     output = f"{BASE}/eval"

@@ -17,8 +17,8 @@ import pytest
 import ray
 import yaml
 
-from edsr_ray.cluster import container_env, validate_cluster_config
 from edsr_ray.errors import ConfigError
+from edsr_ray.infra.launcher import container_env, validate_cluster_config
 
 ROOT = Path(__file__).parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -57,7 +57,7 @@ def _error(path: Path) -> str:
 
 
 def test_shipped_config_passes_rays_own_schema_and_validation(shipped):
-    # Independent of edsr_ray.cluster: call jsonschema and Ray's functions directly, as `ray up` does.
+    # Independent of edsr_ray.infra.launcher: call jsonschema and Ray's functions directly, as `ray up` does.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"

@@ -1,4 +1,4 @@
-"""edsr_ray.objectstore and jobs/objectstore.py: the real SeaweedFS binary, started and stopped for real."""
+"""edsr_ray.infra.objectstore and jobs/objectstore.py: the real SeaweedFS binary, started and stopped for real."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from edsr_ray import storage
 from edsr_ray.errors import StorageError
-from edsr_ray.objectstore import PORT_FLAGS, STATE_FILE, EmbeddedS3, find_running, find_weed, read_state
+from edsr_ray.infra.objectstore import PORT_FLAGS, STATE_FILE, EmbeddedS3, find_running, find_weed, read_state
 
 ROOT = Path(__file__).parents[1]
 
@@ -185,5 +185,5 @@ def test_command_up_status_env_down(tmp_path):
     assert down.returncode == 0 and "stopped" in down.stdout
     assert not _alive(state["pid"])
     status = _cli("status", data_dir=data_dir)
-    assert status.returncode == 1 and "no object store is running" in status.stderr
+    assert status.returncode == 2 and "error: no object store is running" in status.stderr
     assert _cli("down", data_dir=data_dir).stdout.strip() == "no object store was running"

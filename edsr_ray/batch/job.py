@@ -1,33 +1,32 @@
-"""Batch upscaling of image collections: plan the work, stream it through the three stages, report.
+"""The batch upscaling job's driver: plan the work, stream it through the three stages, report.
 
 ``jobs/upscale.py`` is a thin command over :func:`run_upscale`. A run:
 
 1. loads the model once on the driver (a bad ``--model`` or ``--scale`` fails here, before any image is touched),
-2. lists the inputs (folder, ``s3://`` prefix, one image, or a list file) and, in one listing, the outputs that exist
-   already: those inputs are ``skipped``, so a re-run of a killed job does only what is missing,
-3. streams the rest through the stages of :mod:`edsr_ray.upscaling` — on Ray Data (read + decode as CPU tasks → a
+2. lists the inputs and, in one listing, the outputs that exist already (:mod:`edsr_ray.batch.inputs`): those inputs
+   are ``skipped``, so a re-run of a killed job does only what is missing,
+3. streams the rest through the stages of :mod:`edsr_ray.batch.stages` — on Ray Data (read + decode as CPU tasks → a
    model actor pool, ``ActorPoolStrategy(1, N)``, one GPU per actor when GPUs are used, the weights shipped once
    through the object store → encode + write as CPU tasks), or in this process with ``local`` —
-4. writes ``_manifest.parquet`` (one row per input: status ok / skipped / failed, reason, size, bytes, seconds) and
-   ``_summary.json`` next to the outputs, and returns a :class:`Summary` (the summary line and the exit status).
+4. writes ``_manifest.parquet`` and ``_summary.json`` next to the outputs and returns a
+   :class:`~edsr_ray.batch.reports.Summary` (the summary line and the exit status).
 
 Progress: a bar with images/s on a terminal, otherwise a log line every :data:`PROGRESS_EVERY_S` seconds (what
 ``ray job logs`` shows).
 
-Why the pipeline is shaped this way (figures: ``benchmarks/bench_upscale.py``, ``benchmarks/RESULTS.md``): per
+Why the pipeline is shaped this way (``benchmarks/bench_upscale.py``; figures in ``benchmarks/RESULTS.md``): per
 image, codecs can cost more than a GPU's forward pass, so they run as separate CPU tasks on every spare core while the
-actors only feed the model. PNGs are decoded with libspng and 8-bit ones written with fpng: 9 ms of decode + encode
-per 1080p output on one core, so the 15 spare cores of a 16-core GPU node keep up with a GPU's 200-550 img/s, where
-Pillow's default PNG encoder (400 ms) would cap the node near 40 img/s. JPEG costs about as little (5 ms), so encoding
-it on the GPU would not raise a one-GPU node's rate and is not done. CPU-only model actors run with glibc settings
-that keep freed memory in the process (:data:`CPU_ACTOR_ENV`), which makes their forward passes 1.7-1.9x faster.
+actors only feed the model. PNGs are decoded with libspng and 8-bit ones written with fpng, fast enough that the spare
+cores of a GPU node keep up with the GPU, where Pillow's default PNG encoder would cap the node far below it; JPEG
+costs about as little, so encoding it on the GPU would not raise a one-GPU node's rate and is not done. CPU-only
+model actors run with glibc settings that keep freed memory in the process (:data:`CPU_ACTOR_ENV`), which makes their
+forward passes markedly faster.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import math
 import os
@@ -41,26 +40,28 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from edsr_ray import storage
-from edsr_ray.config import InferenceConfig, StorageConfig, to_dict
-from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
-from edsr_ray.raycluster import ensure_ray
-from edsr_ray.upscaling import (
+from edsr_ray.batch.inputs import Task, absolute, existing_outputs, plan_tasks, remove_stale_temp_files
+from edsr_ray.batch.reports import (
     IGNORED_EXAMPLES,
+    LOGGED_FAILURES,
     MANIFEST_NAME,
-    MANIFEST_SCHEMA,
     SUMMARY_NAME,
-    OutputOptions,
-    Task,
+    Summary,
+    write_reports,
+)
+from edsr_ray.batch.stages import (
+    MANIFEST_SCHEMA,
+    CodecOptions,
     UpscaleBatch,
-    absolute,
     decode_batch,
-    existing_outputs,
     manifest_table,
-    plan_tasks,
-    remove_stale_temp_files,
     tasks_table,
     write_batch,
 )
+from edsr_ray.config import InferenceConfig, to_dict
+from edsr_ray.errors import ConfigError, EdsrRayError, Interrupted, StorageError
+from edsr_ray.infra.ray import ensure_ray
+from edsr_ray.storage import StorageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +74,13 @@ CODEC_BATCH = 8
 # Task rows per input block: small runs get one row a block (every core busy), huge ones fewer, larger blocks.
 MAX_ROWS_PER_BLOCK = 64
 # Keep freed memory in CPU workers instead of unmapping every large block: each activation of a CPU forward is a new
-# mmap whose pages the kernel must zero, about half of a plain forward's time (benchmarks/RESULTS.md: 1.9x faster).
-# One arena: Ray Data calls the model in a worker thread, whose own malloc arena ignores these settings for large
-# blocks; without it the actor's forwards stay 2x slower (benchmarks/bench_upscale.py).
+# mmap whose pages the kernel must zero, a large part of a plain forward's time (benchmarks/RESULTS.md). One arena:
+# Ray Data calls the model in a worker thread, whose own malloc arena ignores these settings for large blocks; without
+# it the actor's forwards stay slow (benchmarks/bench_upscale.py).
 CPU_ACTOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_ARENA_MAX": "1"}
-# Failures logged one by one before the rest are only counted (all are in the manifest).
-LOGGED_FAILURES = 50
 
 
-class UpscaleInterrupted(EdsrRayError):
+class UpscaleInterrupted(Interrupted):
     """The pipeline stopped part-way (a cluster or storage failure); outputs written so far are complete and kept.
 
     ``summary`` describes what was done (its manifest and summary files are written).
@@ -143,103 +142,6 @@ def model_workers(resources: Mapping[str, float], compute: ComputeOptions) -> Mo
     actors = compute.workers or max(1, int(cpus) - 1)
     args = {"num_cpus": share, "runtime_env": {"env_vars": dict(CPU_ACTOR_ENV)}}
     return ModelWorkers(actors, compute.batch_size or CPU_BATCH, "cpu", 1, args, codec_cpus=share)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class Summary:
-    """A run's outcome: the manifest (one row per input), timings and the options it ran with."""
-
-    manifest: pa.Table
-    seconds: float = 0.0  # wall time of the processing (the pipeline), for img/s
-    total_seconds: float = 0.0  # the whole run, model loading and listing included
-    interrupted: str | None = None
-    removed_temp_files: int = 0
-    settings: dict[str, Any] = field(default_factory=dict)
-    # Files of the input folder or prefix that are not inputs (not images, inside the output), with why.
-    ignored: list[tuple[str, str]] = field(default_factory=list)
-
-    def count(self, status: str) -> int:
-        return int(pc.sum(pc.equal(self.manifest.column("status"), status)).as_py() or 0)
-
-    @property
-    def failures(self) -> list[dict[str, Any]]:
-        """``{"input", "output", "reason"}`` of every failed input."""
-        failed = self.manifest.filter(pc.equal(self.manifest.column("status"), "failed"))
-        return failed.select(["input", "output", "reason"]).to_pylist()
-
-    @property
-    def written(self) -> int:
-        """Outputs written by this run (each successful image is written exactly once)."""
-        return self.count("ok")
-
-    @property
-    def megapixels(self) -> float:
-        """Input megapixels of the images upscaled by this run."""
-        ok = self.manifest.filter(pc.equal(self.manifest.column("status"), "ok"))
-        if ok.num_rows == 0:
-            return 0.0
-        pixels = pc.multiply(ok.column("width").cast(pa.int64()), ok.column("height").cast(pa.int64()))
-        return float(pc.sum(pixels).as_py()) / 1e6
-
-    @property
-    def output_bytes(self) -> int:
-        return int(pc.sum(self.manifest.column("bytes")).as_py() or 0)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.written / self.seconds if self.seconds > 0 else 0.0
-
-    def line(self) -> str:
-        text = (
-            f"upscaled {self.written} images ({self.megapixels:.2f} input megapixels) in {self.seconds:.1f} s, "
-            f"{self.images_per_s:.2f} img/s; skipped {self.count('skipped')} existing; {self.count('failed')} failed"
-        )
-        return text + (f"; INTERRUPTED: {self.interrupted}" if self.interrupted else "")
-
-    def exit_code(self, allow_failures: int = 0) -> int:
-        """0 when at most ``allow_failures`` inputs failed, 1 when more did, 3 when the run was interrupted."""
-        if self.interrupted:
-            return 3
-        return 0 if self.count("failed") <= allow_failures else 1
-
-    def document(self, allow_failures: int = 0) -> dict[str, Any]:
-        """The content of ``_summary.json``."""
-        return {
-            "images": self.manifest.num_rows,
-            "ok": self.count("ok"),
-            "skipped": self.count("skipped"),
-            "failed": self.count("failed"),
-            "written": self.written,
-            "input_megapixels": round(self.megapixels, 6),
-            "output_bytes": self.output_bytes,
-            "seconds": round(self.seconds, 3),
-            "total_seconds": round(self.total_seconds, 3),
-            "images_per_s": round(self.images_per_s, 4),
-            "allow_failures": allow_failures,
-            "exit_code": self.exit_code(allow_failures),
-            "interrupted": self.interrupted,
-            "removed_temp_files": self.removed_temp_files,
-            "ignored": len(self.ignored),
-            "ignored_examples": [{"input": s, "why": why} for s, why in self.ignored[:IGNORED_EXAMPLES]],
-            "failures": self.failures[:LOGGED_FAILURES],
-            "settings": self.settings,
-            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-
-
-def write_reports(summary: Summary, output_uri: str, allow_failures: int, cfg: StorageConfig | None = None) -> None:
-    """``_manifest.parquet`` and ``_summary.json`` next to the outputs (each written atomically)."""
-    import pyarrow.parquet as pq
-
-    buffer = pa.BufferOutputStream()
-    pq.write_table(summary.manifest, buffer, compression="zstd")
-    storage.write_bytes(storage.join(output_uri, MANIFEST_NAME), buffer.getvalue().to_pybytes(), cfg)
-    document = json.dumps(summary.document(allow_failures), indent=2).encode()
-    storage.write_bytes(storage.join(output_uri, SUMMARY_NAME), document, cfg)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -346,7 +248,7 @@ def _ray_stream(tasks: list[Task], model: Any, work: _Work, compute: ComputeOpti
     """The three stages as one streaming Ray Data pipeline; yields manifest rows as outputs are written."""
     import ray
 
-    from edsr_ray.models import model_checkpoint
+    from edsr_ray.weights import model_checkpoint
 
     resources = ray.cluster_resources()
     plan = model_workers(resources, compute)
@@ -405,7 +307,7 @@ def run_upscale(
     *,
     scale: int | None = None,
     inference: InferenceConfig | None = None,
-    options: OutputOptions | None = None,
+    options: CodecOptions | None = None,
     compute: ComputeOptions | None = None,
     allow_failures: int = 0,
     progress: bool | None = None,
@@ -421,11 +323,11 @@ def run_upscale(
     ``on_rows`` is called with each batch of manifest rows as their outputs are written (monitoring, benchmarks).
     """
     from edsr_ray.inference import resolve_scale
-    from edsr_ray.models import load_model
+    from edsr_ray.weights import load_model
 
     started = time.perf_counter()
     inference = inference or InferenceConfig()
-    options = options or OutputOptions(max_pixels=inference.max_pixels)
+    options = options or CodecOptions()
     compute = compute or ComputeOptions()
     if allow_failures < 0:
         raise ConfigError(f"allow_failures must be >= 0, got {allow_failures}")

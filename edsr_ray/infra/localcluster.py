@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from edsr_ray.errors import EdsrRayError
-from edsr_ray.processes import find_command, log_tail
-from edsr_ray.raycluster import QUIET_ENV
+from edsr_ray.infra.processes import find_command, log_tail
+from edsr_ray.infra.ray import QUIET_ENV
 
 log = logging.getLogger(__name__)
 
