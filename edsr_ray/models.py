@@ -523,7 +523,9 @@ def _read_local(path: str | os.PathLike, storage: Any, display: str | None = Non
 
     p = store.local_path(path)
     if p.is_dir():
-        p = _pick_file_in_dir(p)
+        from edsr_ray.mlflow_model import weights_path  # an MLflow model folder names its weights in MLmodel
+
+        p = weights_path(p)
     name = display or str(p)
     if not os.path.lexists(p):
         raise ModelLoadError(f"{name}: no such file")
@@ -545,7 +547,12 @@ def _read_source_bytes(source: str, storage: Any) -> tuple[bytes, str]:
             data, name = _read_local(download_model_uri(source, dst_path=tmp), storage)
         return data, f"{source} ({name})"
     if kind == store.S3:
-        if source.endswith("/"):
+        from edsr_ray.mlflow_model import s3_weights_uri
+
+        named = None if source.endswith((".pt", ".pth")) else s3_weights_uri(source, storage)  # an MLflow model
+        if named:
+            source = named
+        elif source.endswith("/"):
             source = store.join(source, "model.pt")
         elif not source.endswith((".pt", ".pth")):
             # A Ray Train checkpoint "directory" on S3 is a prefix holding model.pt.

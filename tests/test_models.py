@@ -744,8 +744,8 @@ def test_load_from_the_mlflow_registry(tmp_path, monkeypatch, lr_input):
     run_id = tracking.find_or_create_run(TrackingConfig(experiment="models-test"), "runs/m", "m", uri, resume=False)
     logger = tracking.RunLogger(run_id, uri)
     model = _randomised(models.MDSR(1, TINY_F, (2, 3)))
-    logger.log_model_file(models.save_model(model, tmp_path / "model.pt"))
-    assert logger.register("tiny-mdsr") == "1"
+    model_uri = logger.log_model(models.save_model(model, tmp_path / "model.pt"))
+    assert logger.register("tiny-mdsr", model_uri) == "1"
     with torch.no_grad():
         expected = model(lr_input, 3)
         for source in ("models:/tiny-mdsr/1", f"runs:/{run_id}/model"):
