@@ -12,11 +12,12 @@ zero-pad exactly as they do on the whole image. Tiled and whole-image outputs ag
 unlike the official ``chop`` (quadrants, a 10-pixel shave) or hard-pasted tiles, which leave seams. All patches of an
 image have one shape (a patch is shifted inwards at the image border rather than cut), so they batch together.
 
-Precision. ``"auto"`` is fp32 on CPU and bf16 (fp16 where bf16 is unsupported) with channels_last on CUDA. Reduced
-precision runs a converted copy of the model, prepared once per (model, device, dtype) and cached for the model's
-lifetime; a copy is rebuilt when the model's weights change (training validation). Reduced precision is not used on
-CPU: a request for it there falls back to fp32 with a warning. Any patch whose reduced-precision output holds a NaN or
-Inf is recomputed in fp32 and a warning is logged — fp16 overflow gives black or NaN images in other upscalers.
+Precision. ``"auto"`` is fp32 on CPU and bf16 (fp16 where bf16 is unsupported) on CUDA; inputs are channels_last on
+every device (the weights too on CUDA). Reduced precision runs a converted copy of the model, prepared once per
+(model, device, dtype) and cached for the model's lifetime; a copy is rebuilt when the model's weights change
+(training validation). Reduced precision is not used on CPU: a request for it there falls back to fp32 with a
+warning. Any patch whose reduced-precision output holds a NaN or Inf is recomputed in fp32 and a warning is logged —
+fp16 overflow gives black or NaN images in other upscalers.
 
 Threads. An :class:`Upscaler` may be shared by the threads of one process (a Serve replica): preparing a model copy is
 guarded by a lock and a forward pass only reads the weights. With ``compile=True`` run one warm-up call before
@@ -486,7 +487,7 @@ class Upscaler:
         for xc in x.split(max_batch):
             if self._range != 1.0:
                 xc = xc * self._range
-            y = _call(module, xc, scale, self.dtype, self.device)
+            y = _call(module, xc, scale, self.dtype)
             if self.dtype != torch.float32:
                 bad = ~torch.isfinite(y).flatten(1).all(dim=1)  # (N,)
                 if bool(bad.any()):
@@ -500,7 +501,7 @@ class Upscaler:
                         scale,
                     )
                     fp32 = _prepared(self.model, self.device, torch.float32, False)
-                    y[bad] = _call(fp32, xc[bad], scale, torch.float32, self.device)
+                    y[bad] = _call(fp32, xc[bad], scale, torch.float32)
             outs.append(y if self._range == 1.0 else y / self._range)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -523,11 +524,11 @@ class Upscaler:
         return total / 8
 
 
-def _call(module: nn.Module, x: torch.Tensor, scale: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _call(module: nn.Module, x: torch.Tensor, scale: int, dtype: torch.dtype) -> torch.Tensor:
     """One forward: float32 (N, 3, h, w) → float32 (N, 3, h*s, w*s), input cast to the module's dtype and layout."""
-    x = x.to(dtype)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    # channels_last (NHWC) input on every device: cuDNN and PyTorch's CPU convolutions (oneDNN) both run faster on it
+    # than on NCHW; on CPU it brings PyTorch close to ONNX Runtime (benchmarks/RESULTS.md, bench_onnx.py).
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
     return module(x, scale).float()
 
 

@@ -5,8 +5,9 @@ The embedded default is a sqlite file in the project home (:mod:`edsr_ray.home`:
 in the same place as one logged from the driver. ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point
 everything at a server instead.
 
-Models are logged as the project's own checkpoint file (weights + full model config) and registered from that
-artifact folder, never in MLflow's ``pt2`` flavour, which fixes the input height and width to the example's.
+Models are logged as MLflow models whose ``python_function`` flavour loads the project's own checkpoint (weights + full
+model config) with the project's code (:mod:`edsr_ray.mlflow_model`), never in MLflow's ``pt2`` flavour, which fixes
+the input height and width to the example's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from edsr_ray.errors import EdsrRayError
 
 log = logging.getLogger(__name__)
 
-MODEL_ARTIFACT = "model"  # artifact folder holding model.pt of a logged model
+MODEL_ARTIFACT = "model"  # name of a logged model
 RUN_KEY_TAG = "edsr_ray.run_key"
 
 
@@ -167,16 +168,8 @@ class RunLogger:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self.run_id, text, artifact_file)
 
-    def log_model_file(self, model_file: str | os.PathLike[str], artifact_path: str = MODEL_ARTIFACT) -> str:
-        """Log a project model file (``model.pt``) as ``artifact_path/model.pt``; returns the artifact URI."""
-        with tempfile.TemporaryDirectory() as tmp:
-            dst = Path(tmp) / "model.pt"
-            dst.write_bytes(Path(model_file).read_bytes())
-            self._client.log_artifacts(self.run_id, tmp, artifact_path)
-        return f"runs:/{self.run_id}/{artifact_path}"
-
-    def register(self, name: str, artifact_path: str = MODEL_ARTIFACT, aliases: tuple[str, ...] = ()) -> str:
-        """Register the logged model folder as a new version of ``name``; returns the version."""
+    def register(self, name: str, model_uri: str, aliases: tuple[str, ...] = ()) -> str:
+        """Register the logged model ``model_uri`` as a new version of ``name``; returns the version."""
         mlflow = mlflow_module()
         client = self._client
         try:
@@ -184,8 +177,8 @@ class RunLogger:
         except mlflow.exceptions.MlflowException as exc:
             if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
                 raise
-        source = client.get_run(self.run_id).info.artifact_uri.rstrip("/") + f"/{artifact_path}"
-        mv = client.create_model_version(name, source=source, run_id=self.run_id)
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        mv = client.create_model_version(name, source=model_uri, run_id=self.run_id, model_id=model_id)
         for alias in aliases:
             client.set_registered_model_alias(name, alias, mv.version)
         return str(mv.version)

@@ -25,10 +25,11 @@ import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from edsr_ray import storage as store
@@ -40,6 +41,10 @@ from edsr_ray.storage import StorageConfig
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "edsr-ray/model-v1"
+# An MLflow model logged by this project (edsr_ray.mlflow_model) names its loader and its weights file in MLmodel.
+LOADER_MODULE = "edsr_ray.mlflow_model"
+MLMODEL = "MLmodel"
+PYFUNC = "python_function"
 # Keys of the fixed (not trained) mean-shift layers.
 _MEAN_SHIFT_KEYS = ("sub_mean.weight", "sub_mean.bias", "add_mean.weight", "add_mean.bias")
 # Wrappers other tools put around a state dict (no "format" key); the first one holding tensors is used.
@@ -254,12 +259,55 @@ def _pick_file_in_dir(path: Path) -> Path:
     raise ModelLoadError(f"{path}: directory has no model.pt (nor a single .pt/.pth file); it holds {listing}")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Finding the weights in a model folder or prefix
+
+
+def data_entry(mlmodel: bytes | str, name: str) -> str:
+    """The weights' path, relative to the model folder, named by an ``MLmodel`` document logged by this project."""
+    try:
+        doc = yaml.safe_load(mlmodel)
+    except yaml.YAMLError as exc:
+        raise ModelLoadError(f"{name}: not a readable MLmodel file: {str(exc).splitlines()[0]}") from None
+    flavor = (doc.get("flavors") or {}).get(PYFUNC) if isinstance(doc, dict) else None
+    if not isinstance(flavor, dict):
+        raise ModelLoadError(f"{name}: an MLflow model without a {PYFUNC} flavour; not an EDSR/MDSR model")
+    loader, data = flavor.get("loader_module"), flavor.get("data")
+    if loader != LOADER_MODULE:
+        raise ModelLoadError(
+            f"{name}: an MLflow model of another kind (loader {loader!r}); this loader reads models logged by "
+            f"edsr-ray (loader {LOADER_MODULE!r}), or a folder holding model.pt"
+        )
+    if not isinstance(data, str) or not data or PurePosixPath(data).is_absolute() or ".." in PurePosixPath(data).parts:
+        raise ModelLoadError(f"{name}: its {PYFUNC} flavour names no weights file inside the model (data: {data!r})")
+    return data
+
+
+def weights_path(folder: str | os.PathLike[str]) -> Path:
+    """The weights file in a model folder: the one ``MLmodel`` names, else ``model.pt`` or the single ``.pt``."""
+    folder = Path(folder)
+    mlmodel = folder / MLMODEL
+    if mlmodel.is_file():
+        return folder / data_entry(store.read_bytes(mlmodel), str(mlmodel))
+    return _pick_file_in_dir(folder)
+
+
+def s3_weights_uri(prefix: str, cfg: StorageConfig | None = None) -> str | None:
+    """The weights URI named by ``prefix/MLmodel`` (an MLflow model stored on S3), or None when there is none."""
+    mlmodel = store.join(prefix, MLMODEL)
+    try:
+        text = store.read_bytes(mlmodel, cfg)
+    except store.NotFoundError:
+        return None
+    return store.join(prefix, data_entry(text, mlmodel))
+
+
 def _read_local(
     path: str | os.PathLike, storage: StorageConfig | None, display: str | None = None
 ) -> tuple[bytes, str]:
     p = store.local_path(path)
     if p.is_dir():
-        p = _pick_file_in_dir(p)
+        p = weights_path(p)  # an MLflow model folder names its weights in MLmodel
     name = display or str(p)
     if not os.path.lexists(p):
         raise ModelLoadError(f"{name}: no such file")
@@ -283,7 +331,10 @@ def read_model_source(source: str, storage: StorageConfig | None = None) -> tupl
             data, name = _read_local(download_model_uri(source, dst_path=tmp), storage)
         return data, f"{source} ({name})"
     if kind == store.S3:
-        if source.endswith("/"):
+        named = None if source.endswith((".pt", ".pth")) else s3_weights_uri(source, storage)  # an MLflow model
+        if named:
+            source = named
+        elif source.endswith("/"):
             source = store.join(source, "model.pt")
         elif not source.endswith((".pt", ".pth")):
             # A Ray Train checkpoint "directory" on S3 is a prefix holding model.pt.

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from edsr_ray import tracking
 from edsr_ray.codecs import decode_image
 from edsr_ray.config import TrackingConfig
 from edsr_ray.errors import EdsrRayError
+from edsr_ray.mlflow_model import log_model
 
 
 @pytest.fixture
@@ -72,18 +74,25 @@ def test_run_is_reused_until_finished_and_logs_land_in_artifact_root(store, tmp_
     assert tracking.find_or_create_run(cfg, "runs/a", "a", store, resume=False) != run_id
 
 
-def test_register_and_download_model(store, tmp_path):
+def test_log_register_and_download_model(store, tmp_path):
+    from edsr_ray.models import EDSR
+    from edsr_ray.weights import load_model, save_model
+
     cfg = TrackingConfig(experiment="t")
     run_id = tracking.find_or_create_run(cfg, "runs/m", "m", store, resume=False)
     logger = tracking.RunLogger(run_id, store)
-    model_file = tmp_path / "model.pt"
-    model_file.write_bytes(b"weights")
-    logger.log_model_file(model_file)
-    assert logger.register("tiny", aliases=("best",)) == "1"
-    assert logger.register("tiny") == "2"
-    for ref in ("models:/tiny/1", "models:/tiny@best", "models:/tiny/latest"):
-        path = Path(tracking.download_model_uri(ref, store))
-        assert (path / "model.pt").read_bytes() == b"weights", ref
+    model = EDSR(1, 8, 2)
+    model_uri = log_model(logger, save_model(model, tmp_path / "model.pt"), metrics={"val_psnr": 30.5})
+    assert model_uri.startswith("models:/m-")
+    assert logger.register("tiny", model_uri, aliases=("best",)) == "1"
+    assert logger.register("tiny", model_uri) == "2"
+    client = tracking.mlflow_module().MlflowClient(tracking_uri=store)
+    assert client.get_run(run_id).info.status == "RUNNING"  # logging a model leaves the run as it was
+    for ref in ("models:/tiny/1", "models:/tiny@best", "models:/tiny/latest", f"runs:/{run_id}/model"):
+        path = Path(tracking.download_model_uri(ref, store, dst_path=str(tmp_path / ref.replace("/", "_"))))
+        assert (path / "MLmodel").is_file(), ref
+        loaded = load_model(path / "data" / "model.pt")
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items()), ref
     with pytest.raises(EdsrRayError, match="models:/nope/1"):
         tracking.download_model_uri("models:/nope/1", store)
 

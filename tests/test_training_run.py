@@ -18,6 +18,7 @@ from sample_data import ROOT
 from edsr_ray import storage, tracking
 from edsr_ray.config import ExperimentConfig, from_dict
 from edsr_ray.errors import EdsrRayError
+from edsr_ray.mlflow_model import log_model
 from edsr_ray.models import build_model
 from edsr_ray.training.run import NonFiniteLossError, _has_checkpoints, preflight, run_training
 from edsr_ray.weights import load_model, save_model
@@ -103,6 +104,18 @@ def test_two_workers_train_validate_checkpoint_and_register(env):
     pictures = [f.path for f in client.list_artifacts(outcome.mlflow_run_id, "validation")]
     assert pictures == ["validation/step_00000004.png", "validation/step_00000008.png"]
     assert set(outcome.registered) == {"final", "best"}
+    # Both are MLflow models carrying the validation metrics of their own checkpoint.
+    mlflow = tracking.mlflow_module()
+    mlflow.set_tracking_uri(tracking.resolve_tracking_uri())
+    for alias in ("final", "best"):
+        info = mlflow.models.get_model_info(f"models:/{cfg.tracking.registered_model}@{alias}")
+        assert info.flavors["python_function"]["loader_module"] == "edsr_ray.mlflow_model"
+        assert info.metadata["model_config"]["n_feats"] == 8 and info.metadata["source_run_id"] == outcome.mlflow_run_id
+        assert info.metadata["metrics"]["val_psnr_x2"] in [
+            v for _, v in _run_metrics(outcome.mlflow_run_id, "val_psnr_x2")
+        ]
+    final = mlflow.models.get_model_info(f"models:/{cfg.tracking.registered_model}@final")
+    assert final.metadata["metrics"]["val_psnr_x2"] == pytest.approx(outcome.metrics["val_psnr_x2"])
     registered = load_model(f"models:/{cfg.tracking.registered_model}@final")
     x = torch.rand(1, 3, 23, 37) * 255
     with torch.inference_mode():
@@ -246,8 +259,7 @@ def test_x3_initialises_from_a_registered_x2_model(env, tmp_path):
     uri = tracking.resolve_tracking_uri()
     run_id = tracking.find_or_create_run(_config("x2").tracking, "chain/x2", "x2", uri, resume=False)
     logger = tracking.RunLogger(run_id, uri)
-    logger.log_model_file(model_file)
-    logger.register("chain-x2", aliases=("best",))
+    logger.register("chain-x2", log_model(logger, model_file), aliases=("best",))
     cfg = _config("x3", model={"scales": [3]}, train={"init_from": "models:/chain-x2@best"})
     preflight(cfg)  # resolves and checks the initial weights before any cluster work
     x3 = build_model(cfg.model)

@@ -18,6 +18,7 @@ from torch import nn
 from edsr_ray import models, weights
 from edsr_ray.config import ModelConfig
 from edsr_ray.errors import LocationError, ModelLoadError
+from edsr_ray.mlflow_model import log_model
 
 # --------------------------------------------------------------------------------------------------------------------
 # Reading the architecture off the weights
@@ -402,8 +403,8 @@ def test_load_from_the_mlflow_registry(tmp_path, monkeypatch, lr_input):
     run_id = tracking.find_or_create_run(TrackingConfig(experiment="models-test"), "runs/m", "m", uri, resume=False)
     logger = tracking.RunLogger(run_id, uri)
     model = randomised(models.MDSR(1, TINY_F, (2, 3)))
-    logger.log_model_file(weights.save_model(model, tmp_path / "model.pt"))
-    assert logger.register("tiny-mdsr") == "1"
+    model_uri = log_model(logger, weights.save_model(model, tmp_path / "model.pt"))
+    assert logger.register("tiny-mdsr", model_uri) == "1"
     with torch.no_grad():
         expected = model(lr_input, 3)
         for source in ("models:/tiny-mdsr/1", f"runs:/{run_id}/model"):

@@ -19,6 +19,7 @@ from typing import Any
 from edsr_ray import manifest, tracking
 from edsr_ray.config import ExperimentConfig, flatten, to_dict
 from edsr_ray.errors import EdsrRayError, Interrupted
+from edsr_ray.mlflow_model import log_model
 from edsr_ray.training.checkpoints import TRAIN_STATE
 from edsr_ray.training.loop import train_loop_per_worker
 
@@ -164,23 +165,24 @@ def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutco
         mlflow_run_id=run_id,
     )
     if result.checkpoint is not None:
-        outcome.registered = _register_models(cfg, logger, result.checkpoint, best)
+        best_metrics = next((m for c, m in result.best_checkpoints or () if best and c.path == best.path), {})
+        logged = (("final", result.checkpoint, result.metrics), ("best", best, best_metrics))
+        outcome.registered = _register_models(cfg, logger, logged)
     logger.end("FINISHED")
     return outcome
 
 
-def _register_models(cfg: ExperimentConfig, logger: tracking.RunLogger, final, best) -> dict[str, str]:
-    """Log the final and best model files and register them (aliases ``latest-run`` and ``best``)."""
+def _register_models(cfg: ExperimentConfig, logger: tracking.RunLogger, logged) -> dict[str, str]:
+    """Log the final and best models as MLflow models, each with its validation metrics, and register them
+    (aliases ``final`` and ``best``). ``logged``: (label, checkpoint or None, metrics) triples."""
     registered: dict[str, str] = {}
-    for label, ckpt in (("final", final), ("best", best)):
+    for label, ckpt, metrics in logged:
         if ckpt is None:
             continue
         with ckpt.as_directory() as d:
-            logger.log_model_file(Path(d) / "model.pt", artifact_path=f"{tracking.MODEL_ARTIFACT}_{label}")
+            model_uri = log_model(logger, Path(d) / "model.pt", f"{tracking.MODEL_ARTIFACT}_{label}", metrics)
         if cfg.tracking.registered_model:
-            version = logger.register(
-                cfg.tracking.registered_model, artifact_path=f"{tracking.MODEL_ARTIFACT}_{label}", aliases=(label,)
-            )
+            version = logger.register(cfg.tracking.registered_model, model_uri, aliases=(label,))
             registered[label] = f"{cfg.tracking.registered_model}/{version}"
     return registered
 
