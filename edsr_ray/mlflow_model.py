@@ -191,7 +191,7 @@ def log_model(
     status is left as it was.
     """
     import edsr_ray
-    from edsr_ray.tracking import mlflow_module
+    from edsr_ray.tracking import fluent_tracking_uri, mlflow_module
     from edsr_ray.weights import load_model, save_model
 
     run_id, tracking_uri = logger.run_id, logger.uri
@@ -200,8 +200,7 @@ def log_model(
     cfg = model.config
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     status = client.get_run(run_id).info.status
-    mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="edsr-mlflow-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edsr-mlflow-") as tmp, fluent_tracking_uri(tracking_uri):
         weights = save_model(model, Path(tmp) / "model.pt")
         try:
             with mlflow.start_run(run_id=run_id):

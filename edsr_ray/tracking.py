@@ -12,12 +12,13 @@ the input height and width to the example's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import tempfile
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -178,13 +179,32 @@ class RunLogger:
             if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
                 raise
         model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-        mv = client.create_model_version(name, source=model_uri, run_id=self.run_id, model_id=model_id)
+        # The sqlite registry looks the logged model up through MLflow's module-level tracking URI, not the client's.
+        with fluent_tracking_uri(self.uri):
+            mv = client.create_model_version(name, source=model_uri, run_id=self.run_id, model_id=model_id)
         for alias in aliases:
             client.set_registered_model_alias(name, alias, mv.version)
         return str(mv.version)
 
     def end(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)
+
+
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's module-level API (``mlflow.start_run``, ``mlflow.pyfunc.log_model``, ...) bound to ``uri`` in the block.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the process's environment, for subprocesses
+    to inherit; left there, it would silently redirect everything this process starts afterwards (a job, a cluster
+    node, a Serve replica) to this store. Both are put back as they were when the block ends.
+    """
+    mlflow = mlflow_module()
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets both the variable and MLflow's own setting
 
 
 def download_model_uri(uri: str, tracking_uri: str | None = None, dst_path: str | None = None) -> str:
@@ -195,9 +215,12 @@ def download_model_uri(uri: str, tracking_uri: str | None = None, dst_path: str 
     mlflow = mlflow_module()
     resolved = resolve_tracking_uri(tracking_uri)
     try:
-        mlflow.set_tracking_uri(resolved)
         dst = dst_path or tempfile.mkdtemp(prefix="edsr-model-")
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+        # A logged model's URI (models:/m-...) is looked up through the module-level tracking URI, whatever is passed.
+        with fluent_tracking_uri(resolved):
+            return mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=dst, tracking_uri=resolved, registry_uri=resolved
+            )
     except mlflow.exceptions.MlflowException as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise EdsrRayError(f"cannot resolve model {uri!r} in MLflow at {resolved}: {first}") from None

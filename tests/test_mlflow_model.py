@@ -82,8 +82,8 @@ def in_registry(registry, monkeypatch):
     """This test's process points at the module's store."""
     monkeypatch.setenv("EDSR_RAY_HOME", str(registry.home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracking.mlflow_module().set_tracking_uri(registry.uri)
-    return registry
+    with tracking.fluent_tracking_uri(registry.uri):
+        yield registry
 
 
 def _photo_batches(photos) -> dict[str, np.ndarray]:
@@ -204,6 +204,22 @@ def test_pyfunc_errors_are_mlflow_exceptions_with_the_projects_message(in_regist
         model.predict(x, params={"scale": 3, "tile": 8, "self_ensemble": True}),
         Upscaler(load_model(in_registry.mdsr), tile=8, self_ensemble=True).upscale_batch(x, 3),
     )
+
+
+def test_logging_and_loading_leave_the_process_environment_as_it_was(registry, monkeypatch, tmp_path):
+    """MLflow's set_tracking_uri writes MLFLOW_TRACKING_URI into the environment; what the project does with MLflow must
+    not leave it there, or every process started afterwards (a job, a cluster node) would log into this store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow = tracking.mlflow_module()
+    logger = tracking.RunLogger(registry.run_id, registry.uri)
+    uri = log_model(logger, registry.edsr, "model_env_check", metrics={})
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert load_model(uri).config.n_feats == 8
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(tmp_path / "elsewhere.db"))
+    log_model(logger, registry.edsr, "model_env_check2", metrics={})
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///" + str(tmp_path / "elsewhere.db")
+    assert mlflow.get_tracking_uri() == os.environ["MLFLOW_TRACKING_URI"]
 
 
 def test_load_model_reads_every_registry_layout(in_registry, s3, tmp_path):

@@ -106,16 +106,17 @@ def test_two_workers_train_validate_checkpoint_and_register(env):
     assert set(outcome.registered) == {"final", "best"}
     # Both are MLflow models carrying the validation metrics of their own checkpoint.
     mlflow = tracking.mlflow_module()
-    mlflow.set_tracking_uri(tracking.resolve_tracking_uri())
-    for alias in ("final", "best"):
-        info = mlflow.models.get_model_info(f"models:/{cfg.tracking.registered_model}@{alias}")
-        assert info.flavors["python_function"]["loader_module"] == "edsr_ray.mlflow_model"
-        assert info.metadata["model_config"]["n_feats"] == 8 and info.metadata["source_run_id"] == outcome.mlflow_run_id
-        assert info.metadata["metrics"]["val_psnr_x2"] in [
-            v for _, v in _run_metrics(outcome.mlflow_run_id, "val_psnr_x2")
-        ]
-    final = mlflow.models.get_model_info(f"models:/{cfg.tracking.registered_model}@final")
-    assert final.metadata["metrics"]["val_psnr_x2"] == pytest.approx(outcome.metrics["val_psnr_x2"])
+    with tracking.fluent_tracking_uri(tracking.resolve_tracking_uri()):
+        for alias in ("final", "best"):
+            info = mlflow.models.get_model_info(f"models:/{cfg.tracking.registered_model}@{alias}")
+            assert info.flavors["python_function"]["loader_module"] == "edsr_ray.mlflow_model"
+            assert info.metadata["model_config"]["n_feats"] == 8
+            assert info.metadata["source_run_id"] == outcome.mlflow_run_id
+            assert info.metadata["metrics"]["val_psnr_x2"] in [
+                v for _, v in _run_metrics(outcome.mlflow_run_id, "val_psnr_x2")
+            ]
+        final = mlflow.models.get_model_info(f"models:/{cfg.tracking.registered_model}@final")
+        assert final.metadata["metrics"]["val_psnr_x2"] == pytest.approx(outcome.metrics["val_psnr_x2"])
     registered = load_model(f"models:/{cfg.tracking.registered_model}@final")
     x = torch.rand(1, 3, 23, 37) * 255
     with torch.inference_mode():
