@@ -557,10 +557,9 @@ _ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
     for code, text in (
-        (400, "Empty, malformed or corrupt upload"),
+        (400, "Empty, malformed or corrupt upload; bad outscale, width or height"),
         (401, "Missing or invalid bearer token (when auth is on)"),
         (408, "The request body arrived too slowly"),
-        (400, "Bad outscale, width or height"),
         (413, "Body over the byte limit, image or output over the pixel limit"),
         (415, "Not an image in a supported format"),
         (422, "Unsupported scale, model, format or parameter"),
@@ -822,9 +821,9 @@ class EdsrIngress:
         try:
             check_output(height, width, final, max_pixels=s.max_pixels, fmt=out_format)  # before the work
         except ImageTooLargeError as exc:
-            raise RequestRejected(413, "too_many_pixels", str(exc)) from None
+            raise RequestRejected(413, "too_many_pixels", f"{name}: {exc}") from None
         except ImageError as exc:
-            raise RequestRejected(422, "output_too_large", str(exc)) from None
+            raise RequestRejected(422, "output_too_large", f"{name}: {exc}") from None
         try:
             decoded = await asyncio.to_thread(decode_image, data, name=name, max_pixels=s.max_pixels)
         except ImageTooLargeError as exc:
