@@ -121,11 +121,17 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def resolve_scale(model: nn.Module, scale: int | None) -> int:
-    """Check ``scale`` against the model's scales; ``None`` picks the only one (an error for multi-scale MDSR)."""
+def model_scales(model: nn.Module) -> tuple[int, ...]:
+    """The scales ``model`` upscales by (one for EDSR, several for MDSR)."""
     scales = tuple(int(s) for s in getattr(model, "scales", ()))
     if not scales:
         raise ConfigError(f"{type(model).__name__} does not list its scales (.scales); is it an EDSR/MDSR model?")
+    return scales
+
+
+def resolve_scale(model: nn.Module, scale: int | None) -> int:
+    """Check ``scale`` against the model's scales; ``None`` picks the only one (an error for multi-scale MDSR)."""
+    scales = model_scales(model)
     if scale is None:
         if len(scales) == 1:
             return scales[0]

@@ -1,7 +1,8 @@
 """Ray Serve upscaling service: settings, request checks, and the two deployments behind ``serve run serve.app:app``.
 
-Layout. ``EdsrIngress`` (FastAPI) only reads, checks, decodes and encodes: it enforces the byte and pixel limits,
-the optional bearer token and the parameters, and answers every client mistake with a 4xx and ``{"error": ...}``.
+Layout. ``EdsrIngress`` (FastAPI) only reads, checks, decodes, resizes to the size asked for (``outscale``, ``width``,
+``height``: :mod:`edsr_ray.outsize`) and encodes: it enforces the byte and pixel limits, the optional bearer token
+and the parameters, and answers every client mistake with a 4xx and ``{"error": ...}``.
 ``EdsrModel`` holds the networks: ``@serve.multiplexed`` keeps up to ``max_models_per_replica`` of the configured
 models per replica (the model id is the model's name; one MDSR serves all its scales), and ``@serve.batch`` stacks
 small images of equal size into one forward pass. Larger images run one at a time through the shared
@@ -42,7 +43,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from edsr_ray import __version__
 from edsr_ray.codecs import OUTPUT_FORMATS, SAME_FORMAT
 from edsr_ray.config import PRECISIONS, SCALES, from_dict, read_config_text, to_dict
-from edsr_ray.errors import ConfigError, EdsrRayError, ImageError, ImageTooLargeError, LocationError
+from edsr_ray.errors import ConfigError, EdsrRayError, FieldError, ImageError, ImageTooLargeError, LocationError
+from edsr_ray.outsize import OutputSize, check_output, output_pixel_limit, resize_decoded
 from edsr_ray.storage import MODEL_LOCATIONS, StorageConfig, location_kind
 
 logger = logging.getLogger(__name__)
@@ -285,6 +287,15 @@ def check_image(data: bytes, *, name: str, max_pixels: int) -> tuple[int, int, s
     except ImageError as exc:
         raise RequestRejected(400, "corrupt_image", f"corrupt {fmt} image: {exc}") from None
     return width, height, fmt
+
+
+def requested_size(outscale: str | None, width: str | None, height: str | None) -> OutputSize:
+    """The ``outscale``/``width``/``height`` parameters as an :class:`~edsr_ray.outsize.OutputSize`, or a 400 naming
+    the parameter (not a number, zero, negative, or outscale together with width/height)."""
+    try:
+        return OutputSize.parse(outscale, width, height)
+    except FieldError as exc:
+        raise RequestRejected(400, "bad_size", str(exc)) from None
 
 
 def output_format(requested: str, input_format: str | None) -> str:
@@ -546,10 +557,10 @@ _ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
     for code, text in (
-        (400, "Empty, malformed or corrupt upload"),
+        (400, "Empty, malformed or corrupt upload; bad outscale, width or height"),
         (401, "Missing or invalid bearer token (when auth is on)"),
         (408, "The request body arrived too slowly"),
-        (413, "Body over the byte limit, or image over the pixel limit"),
+        (413, "Body over the byte limit, image or output over the pixel limit"),
         (415, "Not an image in a supported format"),
         (422, "Unsupported scale, model, format or parameter"),
         (503, "The model could not be loaded"),
@@ -570,7 +581,8 @@ def _validation_message(exc: RequestValidationError) -> str:
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress()
 class EdsrIngress:
-    """HTTP front: limits, auth, parameter checks, decode → :class:`EdsrModel` → encode. No model runs here."""
+    """HTTP front: limits, auth, parameter checks, decode → :class:`EdsrModel` → resize → encode. No model runs
+    here."""
 
     def __init__(self, model: DeploymentHandle, settings: dict[str, Any]):
         from ray.serve.metrics import Counter
@@ -637,6 +649,7 @@ class EdsrIngress:
                 "limits": {
                     "max_body_bytes": s.max_body_bytes,
                     "max_pixels": s.max_pixels,
+                    "max_output_pixels": output_pixel_limit(s.max_pixels),
                     "request_timeout_s": s.request_timeout_s,
                 },
                 "batching": {
@@ -662,8 +675,16 @@ class EdsrIngress:
             fmt: str = Query("png", alias="format", description="png, jpeg (jpg), webp, or same (as the input)"),
             self_ensemble: bool = Query(False, description="Average the 8 flips/transposes (8x the compute)"),
             quality: int = Query(95, ge=1, le=100, description="JPEG/WebP quality"),
+            outscale: str | None = Query(
+                None,
+                description="Final size = this factor x the input (e.g. 1.5): the smallest model scale that covers "
+                "it, then resized (bicubic, antialiased when shrinking); not with width/height",
+            ),
+            width: str | None = Query(None, description="Final width in pixels; alone, the height keeps the aspect"),
+            height: str | None = Query(None, description="Final height in pixels; with width, exactly that box"),
         ) -> Response:
-            return await self._upscale(request, scale, model, fmt, self_ensemble, quality)
+            size = requested_size(outscale, width, height)
+            return await self._upscale(request, scale, model, fmt, self_ensemble, quality, size)
 
         return api
 
@@ -754,12 +775,32 @@ class EdsrIngress:
             raise unavailable
         raise RequestRejected(422, "bad_scale", f"no configured model upscales by x{scale}; models offer {offered}")
 
+    async def _offered_scales(self, model: str | None) -> list[int]:
+        """The scales ``model`` offers, or (None) every model that can load; empty for an unknown model."""
+        s = self._settings
+        names = list(s.models) if model is None else [model] if model in s.models else []
+        scales: set[int] = set()
+        for name in names:
+            try:
+                scales.update((await self._model_info(name))["scales"])
+            except RequestRejected as exc:  # as in _choose: a model that cannot load must not hide one that can
+                if exc.status < 500 or model is not None:
+                    raise
+        return sorted(scales)
+
     # ---- the upscale request ---------------------------------------------------------------------------------------
 
     async def _upscale(
-        self, request: Request, scale: int | None, model: str | None, fmt: str, self_ensemble: bool, quality: int
+        self,
+        request: Request,
+        scale: int | None,
+        model: str | None,
+        fmt: str,
+        self_ensemble: bool,
+        quality: int,
+        size: OutputSize,
     ) -> Response:
-        from edsr_ray.codecs import check_output_size, content_type, decode_image, encode_image
+        from edsr_ray.codecs import content_type, decode_image, encode_image
 
         s = self._settings
         output_format(fmt, None)  # a bad format is refused before the body is read
@@ -771,12 +812,18 @@ class EdsrIngress:
             ) from None
         data, name = await image_from_body(request.headers, body)
         width, height, in_format = check_image(data, name=name, max_pixels=s.max_pixels)
+        if size.asked and scale is None:  # the smallest scale that covers the size asked for (edsr_ray.outsize)
+            offered = await self._offered_scales(model)
+            scale = size.choose_scale(offered, height, width) if offered else None
         name_, scale_ = await self._choose(model, scale)
         out_format = output_format(fmt, in_format)
+        final = size.final_shape(height, width, scale_)
         try:
-            check_output_size(width * scale_, height * scale_, out_format)  # before the work, not after it
+            check_output(height, width, final, max_pixels=s.max_pixels, fmt=out_format)  # before the work
+        except ImageTooLargeError as exc:
+            raise RequestRejected(413, "too_many_pixels", f"{name}: {exc}") from None
         except ImageError as exc:
-            raise RequestRejected(422, "output_too_large", str(exc)) from None
+            raise RequestRejected(422, "output_too_large", f"{name}: {exc}") from None
         try:
             decoded = await asyncio.to_thread(decode_image, data, name=name, max_pixels=s.max_pixels)
         except ImageTooLargeError as exc:
@@ -787,6 +834,8 @@ class EdsrIngress:
         result = await self._call(
             handle.upscale.remote(name_, decoded, scale_, self_ensemble), f"upscaling with model {name_!r}"
         )
+        if size.asked:  # resized here, on the ingress's CPU, never on the model replica
+            result = await asyncio.to_thread(resize_decoded, result, final)
         payload = await asyncio.to_thread(encode_image, result, out_format, quality=quality)
         tags = {"model": name_, "scale": str(scale_)}
         self._images.inc(tags=tags)

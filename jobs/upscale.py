@@ -1,6 +1,7 @@
 """Upscale a collection of images (folder, s3:// prefix, one image, or a list file) with an EDSR/MDSR model.
 
-    python jobs/upscale.py --model SRC --input SRC --output DST [--scale N] [--tile N] [--self-ensemble]
+    python jobs/upscale.py --model SRC --input SRC --output DST [--scale N] [--outscale F | --width W | --height H]
+        [--tile N] [--self-ensemble]
         [--precision auto|fp32|bf16|fp16] [--format same|png|jpeg|webp] [--quality Q] [--png-compression fast|small]
         [--gpus N] [--workers N] [--batch-size N] [--max-pixels N] [--max-read-bytes N] [--allow-failures N]
         [--local] [-q]
@@ -10,8 +11,9 @@
 
 Runs on the Ray cluster of the job (RAY_ADDRESS), a running local cluster, or a local Ray it starts; --local runs
 everything in this process instead. Each output keeps its input's relative key under --output; outputs that exist
-are skipped, so re-running a killed job does only what is missing. Writes _manifest.parquet and _summary.json next to
-the outputs and prints a summary line.
+are skipped, so re-running a killed job does only what is missing. --outscale/--width/--height ask for a final size:
+the smallest model scale that covers it, then a MATLAB-bicubic resize (antialiased when shrinking). Writes
+_manifest.parquet and _summary.json next to the outputs and prints a summary line.
 
 Exit status as every command (README, "Exit status"): 0 also when at most --allow-failures inputs failed, 1 when more
 did (each is in the manifest with its reason, and logged); the summary line is printed by an interrupted run too.
@@ -26,6 +28,7 @@ from edsr_ray.batch.job import ComputeOptions, UpscaleInterrupted, run_upscale
 from edsr_ray.batch.stages import FORMAT_CHOICES, PNG_COMPRESSION, CodecOptions
 from edsr_ray.codecs import MAX_PIXELS_DEFAULT
 from edsr_ray.config import PRECISIONS, InferenceConfig, from_dict
+from edsr_ray.outsize import OutputSize
 from edsr_ray.storage import StorageConfig
 
 
@@ -44,6 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--output", required=True, help="folder or s3:// prefix; outputs keep their input's relative key")
     p.add_argument("--scale", type=int, help="upscaling factor; picks the branch of a multi-scale MDSR model")
+    p.add_argument(
+        "--outscale",
+        metavar="F",
+        help="final size = F x the input (e.g. 1.5, 3.5, 8): the smallest model scale >= F, then resized; past the "
+        "largest model scale, enlarged by the resize",
+    )
+    p.add_argument("--width", type=int, metavar="W", help="final width in pixels (alone: the height keeps the aspect)")
+    p.add_argument("--height", type=int, metavar="H", help="final height in pixels (with --width: exactly W x H)")
     p.add_argument("--tile", type=int, help="LR tile side (default: whole images when they fit in memory)")
     p.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/transposes (EDSR+, 8x compute)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
@@ -82,6 +93,9 @@ def _upscale(args: argparse.Namespace) -> int:
         {"tile": args.tile, "self_ensemble": args.self_ensemble, "precision": args.precision},
         source="command line",
     )
+    size = from_dict(
+        OutputSize, {"outscale": args.outscale, "width": args.width, "height": args.height}, source="command line"
+    )
     options = CodecOptions(
         fmt=args.format, quality=args.quality, png_compression=args.png_compression, max_pixels=args.max_pixels
     )
@@ -95,6 +109,7 @@ def _upscale(args: argparse.Namespace) -> int:
             args.input,
             args.output,
             scale=args.scale,
+            size=size,
             inference=inference,
             options=options,
             compute=compute,

@@ -35,13 +35,14 @@ from edsr_ray.batch.stages import (
     CodecOptions,
     tasks_table,
 )
-from edsr_ray.codecs import decode_image, encode_image
+from edsr_ray.codecs import DecodedImage, decode_image, encode_image
 from edsr_ray.config import InferenceConfig
 from edsr_ray.errors import ConfigError
+from edsr_ray.imaging import imresize
 from edsr_ray.inference import upscale, upscale_decoded
 from edsr_ray.models import EDSR, MDSR
 from edsr_ray.samples import photo_bytes
-from edsr_ray.weights import save_model
+from edsr_ray.weights import load_model, save_model
 
 ROOT = Path(__file__).parents[1]
 JOB = ROOT / "jobs" / "upscale.py"
@@ -486,6 +487,132 @@ def test_outputs_past_a_format_limit_fail_with_their_reason_the_others_are_exact
         if key.endswith(".png"):
             assert_same_image(decode_image(written), expected_output(model, data), key)
     assert decode_image((out / "png" / "deep16.png").read_bytes()).bit_depth == 16
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output sizes (--outscale / --width / --height)
+
+
+@pytest.fixture(scope="module")
+def size_tree(tmp_path_factory, photos) -> Path:
+    """Two inputs of different sizes: an RGB PNG (67 x 101) and an RGBA PNG (40 x 56)."""
+    root = tmp_path_factory.mktemp("sizes")
+    (root / "rgb.png").write_bytes(encode_image(crop(photos, "coffee", 67, 101)))
+    alpha = np.linspace(0, 255, 40 * 56).reshape(40, 56).astype(np.uint8)
+    (root / "rgba.png").write_bytes(encode_image(np.dstack([crop(photos, "astronaut", 40, 56), alpha])))
+    return root
+
+
+@pytest.fixture(scope="module")
+def mdsr_file(tmp_path_factory) -> Path:
+    torch.manual_seed(3)
+    return save_model(MDSR(1, 8, (2, 3, 4)), tmp_path_factory.mktemp("mdsr") / "mdsr.pt")
+
+
+# option → {input: (model scale, final rows x columns)}, worked out by hand (round half up; a side alone keeps the
+# aspect ratio: 67 x 150 / 101 = 99.5 -> 100; the smallest of x2/x3/x4 whose output covers the final size).
+SIZE_OPTIONS = {
+    "outscale-1.5": (["--outscale", "1.5"], {"rgb.png": (2, (101, 152)), "rgba.png": (2, (60, 84))}),
+    "width-150": (["--width", "150"], {"rgb.png": (2, (100, 150)), "rgba.png": (3, (107, 150))}),
+    "box-100x120": (["--width", "100", "--height", "120"], {"rgb.png": (2, (120, 100)), "rgba.png": (3, (120, 100))}),
+    "height-300": (["--height", "300"], {"rgb.png": (4, (300, 452)), "rgba.png": (4, (300, 420))}),  # enlarged
+}
+
+
+def _resized_model_output(model, data: bytes, scale: int, final: tuple[int, int]) -> DecodedImage:
+    """The model's output at ``scale`` (the shared inference path), resized by imresize: what the job must write."""
+    source = decode_image(data)
+    if source.alpha is None:
+        return DecodedImage(imresize(upscale(model, source.rgb, scale), output_shape=final), None, 8, False)
+    out = upscale_decoded(model, source, scale)
+    return DecodedImage(
+        imresize(out.rgb, output_shape=final), imresize(out.alpha, output_shape=final), 8, False, None, "RGBA"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "option"),
+    [*(("local", o) for o in SIZE_OPTIONS), *(("ray", o) for o in ("outscale-1.5", "width-150", "height-300"))],
+)
+def test_output_sizes_are_exact_and_equal_the_resized_model_output(
+    request, mode, option, mdsr_file, size_tree, tmp_path, capsys
+):
+    extra, expected = SIZE_OPTIONS[option]
+    out = tmp_path / "out"
+    if mode == "ray":
+        request.getfixturevalue("ray_cluster")
+    compute = ["--local"] if mode == "local" else ["--workers", "1"]
+    argv = ["--model", mdsr_file, "--input", size_tree, "--output", out, "--format", "png", "-q", *compute, *extra]
+    assert _main(argv) == 0
+    assert "upscaled 2 images" in capsys.readouterr().out
+    mdsr = load_model(mdsr_file)
+    for key, (scale, final) in expected.items():
+        written = (out / key).read_bytes()
+        with Image.open(io.BytesIO(written)) as im:  # an independent reader of the header
+            assert im.size == (final[1], final[0]), key
+        expected_image = _resized_model_output(mdsr, (size_tree / key).read_bytes(), scale, final)
+        assert_same_image(decode_image(written), expected_image, key)
+    settings = json.loads((out / SUMMARY_NAME).read_text())["settings"]
+    asked = {"outscale": None, "width": None, "height": None}
+    asked.update({k.lstrip("-"): v if k == "--outscale" else int(v) for k, v in zip(extra[::2], extra[1::2])})
+    assert settings["output_size"] == asked and settings["scales"] == [2, 3, 4] and settings["mode"] == mode
+
+
+@pytest.mark.slow
+def test_the_models_own_factor_is_the_models_pixels_unchanged(model_file, size_tree, tmp_path, capsys):
+    """x2 with an x2 model, asked as --outscale 2 or as the width of x2, writes exactly what no option writes."""
+    runs = {"none": [], "outscale": ["--outscale", "2"], "width": ["--width", "202"], "scale": ["--scale", "2"]}
+    pixels = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        argv = ["--model", model_file, "--input", size_tree / "rgb.png", "--output", out, "--local", "-q", *extra]
+        assert _main(argv) == 0
+        pixels[name] = decode_image((out / "rgb.png").read_bytes())
+    assert pixels["none"].rgb.shape == (134, 202, 3)
+    for name in runs:
+        assert_same_image(pixels[name], pixels["none"], name)
+    capsys.readouterr()
+
+
+def test_bad_output_sizes_exit_2_naming_the_option(model_file, size_tree, tmp_path, capsys):
+    cases = [
+        (["--outscale", "2", "--width", "100"], "outscale: give either outscale or width/height, not both"),
+        (["--outscale", "1.5", "--height", "100"], "not both"),
+        (["--outscale", "0"], "outscale: must be greater than 0"),
+        (["--outscale", "-1.5"], "outscale: must be greater than 0"),
+        (["--outscale", "abc"], "outscale: expected a number such as 1.5 or 3, got 'abc'"),
+        (["--width", "0"], "width: must be a positive whole number of pixels"),
+        (["--height", "-20"], "height: must be a positive whole number of pixels"),
+    ]
+    for extra, needle in cases:
+        argv = ["--model", model_file, "--input", size_tree, "--output", tmp_path / "out", "--local", "-q", *extra]
+        assert _main(argv) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: command line: ") and needle in err and "\n" not in err, err
+    with pytest.raises(SystemExit) as exit_info:  # not a number at all: argparse's own usage error, also status 2
+        _main(["--model", model_file, "--input", size_tree, "--output", tmp_path / "out", "--width", "wide"])
+    assert exit_info.value.code == 2 and "--width: invalid int value: 'wide'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sizes_past_the_output_limits_are_failed_rows_before_the_model(model_file, size_tree, tmp_path, capsys):
+    # 67 x 101 and 40 x 56 inputs under a limit of 7000 input pixels: outputs may have 112,000 pixels. A 400 x 300
+    # box (120,000) fails both, before the model; JPEG cannot store an output 65501 pixels wide.
+    out = tmp_path / "out"
+    common = ["--model", model_file, "--input", size_tree, "--local", "-q", "--max-pixels", 7000]
+    assert _main([*common, "--output", out, "--width", 400, "--height", 300]) == 1
+    assert "upscaled 0 images" in capsys.readouterr().out
+    rows = pq.read_table(out / MANIFEST_NAME).to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "failed" for r in rows)
+    for row in rows:
+        assert "its 400x300 output would have 120,000 pixels, more than the limit of 112,000" in row["reason"], row
+    assert _main([*common, "--output", tmp_path / "within", "--width", 350, "--height", 320]) == 0  # 112,000
+    jpeg = tmp_path / "jpeg"
+    assert _main([*common, "--output", jpeg, "--width", 65501, "--height", 1, "--format", "jpeg"]) == 1
+    reasons = [r["reason"] for r in pq.read_table(jpeg / MANIFEST_NAME).to_pylist()]
+    assert len(reasons) == 2 and all("its 65501x1 output cannot be written" in r and "JPEG" in r for r in reasons)
+    capsys.readouterr()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from edsr_ray.batch.stages import (
     encode_output,
     pack_image,
     unpack_image,
+    write_batch,
 )
 from edsr_ray.codecs import DecodedImage, decode_image, encode_image
 from edsr_ray.config import InferenceConfig
@@ -70,6 +71,42 @@ def test_model_stage_batches_same_size_images_and_equals_one_by_one(model, photo
             2 * row["height"],
         )
         assert_same_image(unpack_image(row, buf), expected_output(model, images[row["input"]]), row["input"])
+
+
+def test_each_row_runs_at_its_own_scale_and_is_resized_in_the_encode_stage(photos, tmp_path):
+    """Same-size images whose sizes need different MDSR scales: planned by the decode stage, grouped by (size, scale)
+    in the model stage, resized to the final size by write_batch (the model stage's rows stay the model's output)."""
+    import torch
+
+    from edsr_ray.imaging import imresize
+    from edsr_ray.inference import upscale
+    from edsr_ray.models import MDSR
+
+    torch.manual_seed(2)
+    mdsr = MDSR(1, 8, (2, 3, 4)).eval()
+    images = {n: encode_image(crop(photos, n, 24, 40)) for n in ("coffee", "astronaut", "chelsea")}
+    outputs = {n: f"{n}.png" for n in images}
+    # A 100 x 60 box over 24 x 40 inputs needs x3 (60 / 24 = 2.5); --width 70 needs x2 (70 / 40 = 1.75).
+    planned = {"coffee": ({"width": 100, "height": 60}, 3, (60, 100)), "astronaut": ({"width": 70}, 2, (42, 70))}
+    planned["chelsea"] = planned["astronaut"]
+    decoded = pa.concat_tables(
+        [
+            _decode_in_memory({outputs[name]: images[name]}, scale=None, size=size, scales=(2, 3, 4))
+            for name, (size, _, _) in planned.items()
+        ]
+    )
+    assert decoded.column("reason").to_pylist() == [""] * 3
+    assert decoded.column("scale").to_pylist() == [3, 2, 2]
+    assert decoded.column("final_width").to_pylist() == [100, 70, 70]
+    upscaled = UpscaleBatch(mdsr, 4, InferenceConfig(), device="cpu")(decoded)
+    assert upscaled.column("pixel_height").to_pylist() == [72, 48, 48]  # the model's output, not yet resized
+    out = tmp_path / "out"
+    upscaled = upscaled.set_column(1, "output", pa.array([str(out / f"{n}.png") for n in planned]))
+    manifest = write_batch(upscaled, output_uri=str(out), options=CodecOptions(fmt="png"))
+    assert manifest.column("status").to_pylist() == ["ok"] * 3
+    for name, (_, scale, final) in planned.items():
+        expected = imresize(upscale(mdsr, decode_image(images[name]).rgb, scale), output_shape=final)
+        np.testing.assert_array_equal(decode_image((out / f"{name}.png").read_bytes()).rgb, expected, err_msg=name)
 
 
 def _decode_in_memory(images: dict[str, bytes], **options) -> pa.Table:

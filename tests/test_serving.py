@@ -25,6 +25,7 @@ import yaml
 
 from edsr_ray.codecs import DecodedImage, decode_image, encode_image
 from edsr_ray.errors import ConfigError
+from edsr_ray.imaging import imresize
 from edsr_ray.inference import upscale, upscale_decoded
 from edsr_ray.models import EDSR, MDSR
 from edsr_ray.serving import (
@@ -331,6 +332,16 @@ BAD_REQUESTS = [
     ("too-wide-for-webp", {"scale": 4, "format": "webp"}, {"content": "wide"}, 422, "too large for WEBP"),
     # 16376 x 1: its x4 result is 65504 wide, 4 more than JPEG can store.
     ("too-wide-for-jpeg", {"scale": 4, "format": "jpeg"}, {"content": "jpeg-wide"}, 422, "too large for JPEG"),
+    # Output sizes: bad values are 400s naming the parameter; limits apply to the final size.
+    ("outscale-zero", {"outscale": "0"}, {"content": "good"}, 400, "outscale: must be greater than 0"),
+    ("outscale-negative", {"outscale": "-1.5"}, {"content": "good"}, 400, "outscale: must be greater than 0"),
+    ("outscale-not-a-number", {"outscale": "big"}, {"content": "good"}, 400, "outscale: expected a number"),
+    ("width-not-a-number", {"width": "abc"}, {"content": "good"}, 400, "width: expected a positive whole number"),
+    ("height-zero", {"height": "0"}, {"content": "good"}, 400, "height: must be a positive whole number"),
+    ("outscale-and-width", {"outscale": "2", "width": "100"}, {"content": "good"}, 400, "not both"),
+    # 1000 x 1000 is more than 16 times the 40,000-pixel input limit.
+    ("output-over-pixel-limit", {"width": 1000, "height": 1000}, {"content": "good"}, 413, "limit of 640,000"),
+    ("outscale-too-wide-for-jpeg", {"outscale": "4.1", "format": "jpeg"}, {"content": "jpeg-wide"}, 422, "JPEG"),
 ]
 
 
@@ -358,6 +369,51 @@ def test_bad_requests_get_their_status_and_a_json_error(client, image, params, k
     assert words in response.json()["error"]
     # The replica keeps serving after every refusal.
     assert client.post("/v1/upscale", params={"scale": 2}, content=good).status_code == 200
+
+
+# (query, model that serves it, its scale, final rows x columns) for the 48 x 64 test image, worked out by hand: the
+# smallest scale that covers the size (the default model x2 first, then the others), round half up, one side alone
+# keeps the aspect ratio (48 x 100 / 64 = 75).
+SIZE_QUERIES = [
+    ({"outscale": "1.5"}, "x2", 2, (72, 96)),
+    ({"outscale": "3.5"}, "x4", 4, (168, 224)),
+    ({"outscale": "5"}, "x4", 4, (240, 320)),  # past the largest scale: x4, then enlarged
+    ({"width": "100"}, "x2", 2, (75, 100)),
+    ({"height": "150"}, "x4", 4, (150, 200)),
+    ({"width": "200", "height": "100"}, "x4", 4, (100, 200)),  # an exact box: 200 / 64 needs x4
+    ({"outscale": "2.5", "model": "mdsr"}, "mdsr", 3, (120, 160)),  # MDSR: its own smallest covering scale
+    ({"outscale": "1.5", "scale": 3}, "x3", 3, (72, 96)),  # a scale given is the one used
+]
+
+
+@pytest.mark.slow
+def test_output_sizes_are_exact_and_equal_the_resized_model_output(client, nets, image):
+    png = encode_image(image, "png")
+    for params, name, scale, final in SIZE_QUERIES:
+        response = client.post("/v1/upscale", params=params, content=png)
+        out = _decoded(response)
+        assert (response.headers["x-upscale-model"], response.headers["x-upscale-scale"]) == (name, str(scale))
+        assert out.rgb.shape == (*final, 3), params
+        expected = imresize(upscale(nets[name], image, scale, tile=TILE), output_shape=final)
+        np.testing.assert_array_equal(out.rgb, expected, err_msg=str(params))
+    # Grey and alpha keep what they are at the new size.
+    rgba = np.concatenate([image, np.linspace(0, 255, 48 * 64).reshape(48, 64, 1).astype(np.uint8)], axis=2)
+    out = _decoded(client.post("/v1/upscale", params={"width": "100"}, content=encode_image(rgba, "png")))
+    expected = upscale_decoded(nets["x2"], DecodedImage.from_array(rgba), 2, tile=TILE)
+    np.testing.assert_array_equal(out.alpha, imresize(expected.alpha, output_shape=(75, 100)))
+    grey = _decoded(client.post("/v1/upscale", params={"outscale": "1.5"}, content=encode_image(image[..., 1], "png")))
+    assert grey.grey and grey.rgb.shape == (72, 96, 3)
+
+
+@pytest.mark.slow
+def test_the_models_own_factor_is_the_models_pixels_unchanged(client, image):
+    png = encode_image(image, "png")
+    plain = _decoded(client.post("/v1/upscale", params={"scale": 2}, content=png))
+    for params in ({"outscale": "2"}, {"outscale": "2.0"}, {"width": "128"}, {"width": "128", "height": "96"}):
+        response = client.post("/v1/upscale", params=params, content=png)
+        assert response.headers["x-upscale-model"] == "x2", params
+        np.testing.assert_array_equal(_decoded(response).rgb, plain.rgb, err_msg=str(params))
+    assert client.get("/v1/models").json()["limits"]["max_output_pixels"] == 16 * MAX_PIXELS
 
 
 @pytest.mark.slow

@@ -61,6 +61,7 @@ from edsr_ray.batch.stages import (
 from edsr_ray.config import InferenceConfig, to_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, Interrupted, StorageError
 from edsr_ray.infra.ray import ensure_ray
+from edsr_ray.outsize import OutputSize
 from edsr_ray.storage import StorageConfig
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ class _Work:
     """What every stage needs, in plain data (it crosses the Ray boundary)."""
 
     scale: int
+    scales: tuple[int, ...]  # the model scales each image's own is chosen from (one, unless a size is asked for)
+    size: dict[str, Any]  # the OutputSize asked for
     inference: dict[str, Any]
     options: dict[str, Any]
     output_uri: str
@@ -222,6 +225,8 @@ def _local_stream(tasks: list[Task], stage: UpscaleBatch, work: _Work, compute: 
             storage_config=work.storage_config,
             scale=work.scale,
             fmt=work.options["fmt"],
+            size=work.size,
+            scales=work.scales,
         )
         upscaled = stage(decoded)
         del decoded  # the inputs' pixels are no longer needed
@@ -276,6 +281,8 @@ def _ray_stream(tasks: list[Task], model: Any, work: _Work, compute: ComputeOpti
                 "storage_config": work.storage_config,
                 "scale": work.scale,
                 "fmt": work.options["fmt"],
+                "size": work.size,
+                "scales": work.scales,
             },
             **codec,
         )
@@ -306,6 +313,7 @@ def run_upscale(
     output_uri: str,
     *,
     scale: int | None = None,
+    size: OutputSize | None = None,
     inference: InferenceConfig | None = None,
     options: CodecOptions | None = None,
     compute: ComputeOptions | None = None,
@@ -321,8 +329,12 @@ def run_upscale(
     A pipeline that stops part-way (cluster or storage failure) still writes the manifest of what was done and
     raises :class:`UpscaleInterrupted`. ``progress``: the bar on (True) or off (False); None: on a terminal only.
     ``on_rows`` is called with each batch of manifest rows as their outputs are written (monitoring, benchmarks).
+
+    ``size`` (``--outscale``/``--width``/``--height``) asks for a final size instead of the model's factor: each image
+    is upscaled by the smallest model scale that covers it (among ``scale``, else all the model's scales), then
+    resized to it in the encode stage (:mod:`edsr_ray.outsize`).
     """
-    from edsr_ray.inference import resolve_scale
+    from edsr_ray.inference import model_scales, resolve_scale
     from edsr_ray.weights import load_model
 
     started = time.perf_counter()
@@ -339,7 +351,13 @@ def run_upscale(
     if not storage.is_s3(output_uri) and os.path.exists(output_uri) and not os.path.isdir(output_uri):
         raise StorageError(f"--output {output_uri} is a file; expected a folder (created when missing)")
     model = load_model(model_source, storage=cfg)
-    scale = resolve_scale(model, scale)
+    size = size or OutputSize()
+    if size.asked and scale is None:  # each image gets the smallest of the model's scales that covers its size
+        scales = tuple(sorted(model_scales(model)))
+    else:
+        scale = resolve_scale(model, scale)
+        scales = (scale,)
+    how = f"x{scale}" if not size.asked else f"{size.describe()} (model scale {'/'.join(f'x{s}' for s in scales)})"
 
     removed = remove_stale_temp_files(output_uri)
     if removed:
@@ -354,10 +372,10 @@ def run_upscale(
     if not tasks and not refused:
         logger.warning("no images found in %s", input_uri)
     logger.info(
-        "%d inputs: %d to upscale at x%d, %d skipped (output exists), %d refused",
+        "%d inputs: %d to upscale to %s, %d skipped (output exists), %d refused",
         len(tasks) + len(refused),
         len(pending),
-        scale,
+        how,
         len(tasks) - len(pending),
         len(refused),
     )
@@ -370,13 +388,21 @@ def run_upscale(
             "ignored %d file(s) that are not inputs (counted in %s): %s%s", len(ignored), SUMMARY_NAME, examples, more
         )
 
-    work = _Work(scale, to_dict(inference), to_dict(options), output_uri, None if cfg is None else to_dict(cfg))
+    work = _Work(
+        scale or scales[-1],
+        scales,
+        to_dict(size),
+        to_dict(inference),
+        to_dict(options),
+        output_uri,
+        None if cfg is None else to_dict(cfg),
+    )
     parts = [manifest_table(rows)]
     interrupted = None
     if pending:
         if compute.local:
             # Built here, so that a device or setting this machine cannot honour fails before any image is read.
-            stage = UpscaleBatch(model, scale, inference, device="cpu" if compute.gpus == 0 else None)
+            stage = UpscaleBatch(model, work.scale, inference, device="cpu" if compute.gpus == 0 else None)
             stream = _local_stream(pending, stage, work, compute)
         else:
             ensure_ray()  # before the clock starts: img/s measures the pipeline, not a cluster's start
@@ -403,6 +429,8 @@ def run_upscale(
     settings = {
         "model": _redact(str(model_source)),
         "scale": scale,
+        "scales": list(scales),
+        "output_size": to_dict(size),
         "input": input_uri,
         "output": output_uri,
         "mode": "local" if compute.local else "ray",

@@ -4,7 +4,8 @@
    input read (several at once) and decoded behind the pixel limit.
 2. :class:`UpscaleBatch` (an actor pool holding the model): image rows in, upscaled image rows out.
 3. :func:`write_batch` (CPU tasks): image rows in, result rows (:data:`MANIFEST_SCHEMA`, one per input, the rows of
-   ``_manifest.parquet``) out: each image encoded in its output's format and written atomically.
+   ``_manifest.parquet``) out: each image resized to the size asked for (``--outscale``/``--width``/``--height``,
+   :mod:`edsr_ray.outsize`), encoded in its output's format and written atomically.
 
 The stages are functions over Arrow tables, so :mod:`edsr_ray.batch.job` runs them as one streaming Ray Data pipeline
 and a ``--local`` run calls the very same functions in-process: one code path either way. A new kind of input (say,
@@ -39,12 +40,12 @@ from edsr_ray.codecs import (
     OUTPUT_FORMATS,
     SAME_FORMAT,
     DecodedImage,
-    check_output_size,
     decode_image,
     encode_image,
 )
 from edsr_ray.config import InferenceConfig, from_dict
-from edsr_ray.errors import ConfigError, EdsrRayError, ImageError, StorageError
+from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
+from edsr_ray.outsize import OutputSize, plan_output, resize_decoded
 from edsr_ray.storage import StorageConfig
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ SMALL_PNG_LEVEL = 6
 IO_THREADS = 8
 
 # Columns of the tables between stages. ``width``/``height`` are the input's size; ``pixel_width``/``pixel_height``
-# describe the bytes in ``pixels`` (the input's after decoding, the output's after upscaling).
+# describe the bytes in ``pixels`` (the input's after decoding, the output's after upscaling); ``scale`` is the model
+# scale the image is upscaled by and ``final_width``/``final_height`` the size it is written at (both set by the
+# decode stage: :func:`edsr_ray.outsize.plan_output`).
 TASK_SCHEMA = pa.schema([("input", pa.string()), ("output", pa.string())])
 IMAGE_SCHEMA = pa.schema(
     [
@@ -79,6 +82,9 @@ IMAGE_SCHEMA = pa.schema(
         # large_binary: an upscaled image can exceed the 2 GiB a plain binary column holds per chunk.
         ("pixels", pa.large_binary()),
         ("seconds", pa.float64()),
+        ("scale", pa.int8()),
+        ("final_width", pa.int32()),
+        ("final_height", pa.int32()),
     ]
 )
 # One row per input in ``_manifest.parquet``. ``bytes`` is the output's size; ``seconds`` the time spent on the image
@@ -128,15 +134,6 @@ class CodecOptions:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Inputs and names
-
-
-def check_upscaled_size(width: int, height: int, scale: int, fmt: str) -> None:
-    """Raise :class:`ImageError` when a ``width`` x ``height`` input upscaled by ``scale`` cannot be stored as
-    ``fmt`` (known from the input's header, so before any model time is spent on it)."""
-    try:
-        check_output_size(width * scale, height * scale, fmt)
-    except ImageError as exc:
-        raise ImageError(f"its x{scale} output cannot be written: {exc}") from None
 
 
 def check_destination(dest: str, output_uri: str) -> None:
@@ -250,13 +247,19 @@ def decode_batch(
     storage_config: Mapping[str, Any] | None = None,
     scale: int | None = None,
     fmt: str = SAME_FORMAT,
+    size: Mapping[str, Any] | None = None,
+    scales: Sequence[int] | None = None,
 ) -> pa.Table:
     """Task rows → image rows: every input read (several at once) and decoded; failures keep their reason.
 
-    With ``scale``, an input whose upscaled size its output format (``fmt``, one of :data:`FORMAT_CHOICES`) cannot
-    store fails here, before the model stage spends any time on it.
+    With ``scale`` (the model's, or ``scales``: those to choose from when a ``size`` is asked for, the fields of an
+    :class:`~edsr_ray.outsize.OutputSize`), each row gets its model scale and final size, and an input whose output
+    is past the output pixel limit or more than its output format (``fmt``, one of :data:`FORMAT_CHOICES`) can store
+    fails here, before the model stage spends any time on it.
     """
     cfg = _storage_cfg(storage_config)
+    sizing = from_dict(OutputSize, size, source="output size")
+    available = tuple(scales or ()) or ((scale,) if scale is not None else ())
     sources, dests = tasks.column("input").to_pylist(), tasks.column("output").to_pylist()
     with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, len(sources)))) as pool:
         reads = list(pool.map(lambda s: _timed_read(s, cfg), sources))
@@ -270,8 +273,12 @@ def decode_batch(
             row["input_bytes"] = len(data)
             img = decode_image(data, name=source, max_pixels=max_pixels)
             row.update(width=img.width, height=img.height)
-            if scale is not None:
-                check_upscaled_size(img.width, img.height, scale, written_format(dest, fmt))
+            if available:
+                fmt_out = written_format(dest, fmt)
+                chosen, final = plan_output(
+                    sizing, available, img.height, img.width, max_pixels=max_pixels, fmt=fmt_out
+                )
+                row.update(scale=chosen, final_height=final[0], final_width=final[1])
             row.update(pack_image(img))
         except ITEM_ERRORS as exc:
             row["reason"] = reason_of(exc, source)
@@ -332,13 +339,13 @@ class UpscaleBatch:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         records, buffers = _rows(table)
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, int, int], list[int]] = {}
         singles: list[int] = []
         for i, row in enumerate(records):
             if row["reason"]:
                 continue
             if row["bit_depth"] == 8 and not row["grey"] and not row["has_alpha"]:
-                groups.setdefault((row["pixel_height"], row["pixel_width"]), []).append(i)
+                groups.setdefault((row["pixel_height"], row["pixel_width"], self._scale(row)), []).append(i)
             else:
                 singles.append(i)
         outputs: dict[int, DecodedImage] = {}
@@ -353,11 +360,15 @@ class UpscaleBatch:
                 row.update(pack_image(outputs[i]))
         return _image_table(records)
 
+    def _scale(self, row: Mapping[str, Any]) -> int:
+        """The row's own model scale (chosen by the decode stage for its output size), else the stage's."""
+        return int(row.get("scale") or self.scale)
+
     def _group(self, members: list[int], records: list[dict], buffers: list, outputs: dict) -> bool:
         start = time.perf_counter()
         try:
             images = np.stack([unpack_image(records[i], buffers[i]).rgb for i in members])  # (B, H, W, 3) uint8
-            upscaled = self.upscaler.upscale_batch(images, self.scale)  # (B, H*s, W*s, 3)
+            upscaled = self.upscaler.upscale_batch(images, self._scale(records[members[0]]))  # (B, H*s, W*s, 3)
         except self.errors as exc:
             if len(members) == 1:
                 records[members[0]]["reason"] = reason_of(exc, records[members[0]]["input"])
@@ -374,7 +385,7 @@ class UpscaleBatch:
     def _one(self, i: int, records: list[dict], buffers: list, outputs: dict) -> None:
         start = time.perf_counter()
         try:
-            outputs[i] = self.upscaler.upscale_decoded(unpack_image(records[i], buffers[i]), self.scale)
+            outputs[i] = self.upscaler.upscale_decoded(unpack_image(records[i], buffers[i]), self._scale(records[i]))
         except self.errors as exc:
             records[i]["reason"] = reason_of(exc, records[i]["input"])
             _free_cuda_cache()
@@ -390,6 +401,15 @@ def _free_cuda_cache() -> None:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Stage 3: encode + write (CPU tasks)
+
+
+def finished_image(row: Mapping[str, Any], pixels: Any) -> DecodedImage:
+    """The upscaled image of a row at its final size: resized here, in the CPU encode stage, never in the model's
+    actor (:func:`edsr_ray.outsize.resize_decoded`; the model's pixels unchanged when it is that size already)."""
+    image = unpack_image(row, pixels)
+    if row.get("final_height") and row.get("final_width"):
+        image = resize_decoded(image, (int(row["final_height"]), int(row["final_width"])))
+    return image
 
 
 def encode_output(image: DecodedImage, fmt: str, options: CodecOptions) -> bytes:
@@ -415,8 +435,9 @@ def write_batch(
     options: Mapping[str, Any] | CodecOptions,
     storage_config: Mapping[str, Any] | None = None,
 ) -> pa.Table:
-    """Image rows → manifest rows: each upscaled image encoded here and written by a few threads (so uploads overlap
-    the next encode); rows that failed earlier, or fail now, become ``failed`` rows with their reason."""
+    """Image rows → manifest rows: each upscaled image resized to its final size, encoded here and written by a few
+    threads (so uploads overlap the next encode); rows that failed earlier, or fail now, become ``failed`` rows with
+    their reason."""
     opts = _codec_options(options)
     cfg = _storage_cfg(storage_config)
     records, buffers = _rows(images)
@@ -430,7 +451,7 @@ def write_batch(
                 continue
             start = time.perf_counter()
             try:
-                data = encode_output(unpack_image(rec, pixels), written_format(row["output"], opts.fmt), opts)
+                data = encode_output(finished_image(rec, pixels), written_format(row["output"], opts.fmt), opts)
                 check_destination(row["output"], output_uri)
             except ITEM_ERRORS as exc:
                 row["reason"] = reason_of(exc, row["input"])
