@@ -28,17 +28,18 @@ from video_cases import absurd_header, corrupt, faststart, packets, without_vide
 from edsr_ray.batch.job import ComputeOptions, run_upscale
 from edsr_ray.batch.reports import MANIFEST_NAME, SUMMARY_NAME
 from edsr_ray.batch.video import decode_segment_rows, inspect_video, parts_root
-from edsr_ray.codecs import decode_image, encode_image
+from edsr_ray.codecs import DecodedImage, decode_image, encode_image
 from edsr_ray.config import InferenceConfig
 from edsr_ray.inference import Upscaler
-from edsr_ray.video import VideoLimits, VideoOptions, probe
+from edsr_ray.video import Colour, VideoLimits, VideoOptions, probe
 from edsr_ray.video.frames import to_rgb
 from edsr_ray.video.samples import SampleVideo, moving_crops, write_video
 
 ROOT = Path(__file__).parents[1]
 JOB = ROOT / "jobs" / "upscale.py"
-# Parts of a fifth of a second: a 24 frames/s test video is cut into several segments and parts.
-SHORT_PARTS = dict(part_seconds=0.2)
+# Parts of a quarter of a second: a 24 frames/s test video is cut into several segments.
+SHORT_PARTS = dict(part_seconds=0.25)
+BT709 = Colour(1, 1, 1, 1)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,28 +60,35 @@ def input_frames(path: Path) -> list[tuple[int, np.ndarray]]:
         return [(f.pts, to_rgb(f, info.assumed_colour, info.bit_depth)) for f in handle.decode(video=0)]
 
 
-def output_frames(path: Path) -> tuple[list[tuple[int, np.ndarray]], Fraction, float]:
+def output_frames(path: Path, fmt: str = "rgb24") -> tuple[list[tuple[int, np.ndarray]], Fraction, float]:
     """(pts, RGB) of every output frame, the stream's time base and its rotation."""
     with av.open(str(path)) as handle:
         stream = handle.streams.video[0]
         frames, rotation = [], 0.0
         for f in handle.decode(stream):
-            frames.append((f.pts, f.to_ndarray(format="rgb24")))
+            frames.append((f.pts, f.to_ndarray(format=fmt)))
             rotation = f.rotation
         return frames, stream.time_base, rotation
 
 
 def assert_upscaled_exactly(model, src: Path, out: Path) -> None:
+    """Every output frame equals the input frame upscaled as an image (16-bit ones as 16-bit images)."""
     upscaler = Upscaler(model, device="cpu")
-    want, got = input_frames(src), output_frames(out)[0]
+    want = input_frames(src)
+    got = output_frames(out, "rgb48le" if want[0][1].dtype == np.uint16 else "rgb24")[0]
     assert len(got) == len(want)
     for i, ((_, frame), (_, result)) in enumerate(zip(want, got)):
-        assert np.array_equal(result, upscaler.upscale(frame, 2)), f"{out}: frame {i} differs"
+        if frame.dtype == np.uint16:
+            expected = upscaler.upscale_decoded(DecodedImage(frame, None, 16, False, None, "RGB"), 2).rgb
+        else:
+            expected = upscaler.upscale(frame, 2)
+        assert result.dtype == expected.dtype and np.array_equal(result, expected), f"{out}: frame {i} differs"
 
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory, photos):
-    """A folder with a rotated MP4 (AAC audio), a variable-frame-rate Matroska video (Opus audio) and a PNG."""
+    """A folder with a rotated MP4 (AAC audio), a variable-frame-rate Matroska video (Opus audio), a 10-bit BT.709
+    Matroska video and a PNG."""
     root = tmp_path_factory.mktemp("videos") / "in"
     (root / "trips").mkdir(parents=True)
     write_video(str(root / "trips" / "walk.mp4"), SampleVideo(frames=24, options={"g": "6"}, rotation=90))
@@ -88,6 +96,10 @@ def collection(tmp_path_factory, photos):
     write_video(
         str(root / "vfr.mkv"),
         SampleVideo(options={"g": "4"}, time_base=Fraction(1, 12000), pts=vfr, audio="libopus", width=64, height=48),
+    )
+    write_video(
+        str(root / "deep.mkv"),
+        SampleVideo(frames=10, options={"g": "5"}, pix_fmt="yuv420p10le", bit_depth=10, colour=BT709, audio=None),
     )
     (root / "photo.png").write_bytes(encode_image(moving_crops(1, 40, 24)[0]))
     return root
@@ -108,10 +120,10 @@ def test_lossless_videos_equal_per_frame_upscaling_and_keep_what_they_had(
         compute=ComputeOptions(local=local, gpus=0),
         progress=False,
     )
-    assert (summary.written, summary.count("failed"), summary.videos) == (3, 0, 2), summary.failures
+    assert (summary.written, summary.count("failed"), summary.videos) == (4, 0, 3), summary.failures
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     # Outputs keep their keys; no parts folder, no temporary file is left.
-    assert files == sorted([MANIFEST_NAME, SUMMARY_NAME, "photo.png", "trips", "trips/walk.mp4", "vfr.mkv"])
+    assert files == sorted([MANIFEST_NAME, SUMMARY_NAME, "deep.mkv", "photo.png", "trips", "trips/walk.mp4", "vfr.mkv"])
     upscaler = Upscaler(model, device="cpu")
     photo = decode_image((collection / "photo.png").read_bytes()).rgb
     np.testing.assert_array_equal(decode_image((out / "photo.png").read_bytes()).rgb, upscaler.upscale(photo, 2))
@@ -126,6 +138,10 @@ def test_lossless_videos_equal_per_frame_upscaling_and_keep_what_they_had(
         assert packets(dest, "audio") == packets(src, "audio")  # bit-identical audio
         assert rotation == probe(src, VideoLimits()).rotation
     assert output_frames(out / "trips/walk.mp4")[2] == 90
+    assert_upscaled_exactly(model, collection / "deep.mkv", out / "deep.mkv")  # 16 bits through the model and back
+    with av.open(str(out / "deep.mkv")) as handle:
+        ctx = handle.streams.video[0].codec_context
+        assert ctx.pix_fmt == "gbrp16le" and (ctx.color_primaries, ctx.color_trc) == (BT709.primaries, BT709.transfer)
 
     rows = {Path(r["input"]).name: r for r in pq.read_table(out / MANIFEST_NAME).to_pylist()}
     walk = rows["walk.mp4"]
@@ -141,9 +157,33 @@ def test_lossless_videos_equal_per_frame_upscaling_and_keep_what_they_had(
     assert walk["bytes"] == (out / "trips/walk.mp4").stat().st_size and (walk["width"], walk["height"]) == (96, 64)
     assert rows["photo.png"]["kind"] == "image" and rows["photo.png"]["frames"] is None
     document = json.loads((out / SUMMARY_NAME).read_text())["videos"]
-    assert document["written"] == 2 and document["frames"] == 24 + 16
-    assert document["codecs"] == {"in": {"h264": 2}, "out": {"ffv1": 2}} and document["frames_per_s"] > 0
-    assert "2 videos, 40 frames" in summary.line()
+    assert document["written"] == 3 and document["frames"] == 24 + 16 + 10
+    assert document["codecs"] == {"in": {"h264": 3}, "out": {"ffv1": 3}} and document["frames_per_s"] > 0
+    assert "3 videos, 50 frames" in summary.line()
+
+
+def test_videos_from_and_to_s3_are_read_in_ranges_and_published_whole(s3, model_file, model, tmp_path):
+    from edsr_ray import storage
+
+    local = tmp_path / "clip.mkv"
+    write_video(str(local), SampleVideo(frames=12, options={"g": "4"}, audio="libopus", width=48, height=32))
+    src, out = "s3://edsr/videos/in", "s3://edsr/videos/out"
+    storage.write_bytes(f"{src}/a/clip.mkv", local.read_bytes())
+    summary = run_upscale(
+        str(model_file),
+        src,
+        out,
+        video=VideoOptions(codec="ffv1", **SHORT_PARTS),
+        compute=ComputeOptions(local=True, gpus=0),
+        progress=False,
+    )
+    (row,) = summary.manifest.to_pylist()
+    assert row["status"] == "ok" and row["output"] == f"{out}/a/clip.mkv" and row["parts"] >= 3, row
+    # The parts lived under the output prefix while the video was in progress; only the outputs are left.
+    assert storage.list_files(out) == [f"{out}/{MANIFEST_NAME}", f"{out}/{SUMMARY_NAME}", f"{out}/a/clip.mkv"]
+    (tmp_path / "out.mkv").write_bytes(storage.read_bytes(f"{out}/a/clip.mkv"))
+    assert_upscaled_exactly(model, local, tmp_path / "out.mkv")
+    assert packets(tmp_path / "out.mkv", "audio") == packets(local, "audio")
 
 
 def test_bad_videos_are_rows_with_reasons_and_the_others_are_written(model_file, tmp_path):

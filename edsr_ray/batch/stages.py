@@ -542,7 +542,7 @@ def write_batch(
                     try:
                         check_destination(row["output"], output_uri)
                         row["bytes"] = videos.write_part(rec, pixels, cfg)[1]
-                    except (*ITEM_ERRORS, ValueError) as exc:
+                    except (*videos.VIDEO_ERRORS, ValueError) as exc:
                         row["reason"] = reason_of(exc, row["input"])
                     row["seconds"] = float(row["seconds"] or 0.0) + time.perf_counter() - start
                 row["pts"] = row["pts"] if kind == "video" else None  # the driver needs a video's, not a part's

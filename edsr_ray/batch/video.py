@@ -45,6 +45,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import av
 import numpy as np
 
 from edsr_ray import storage
@@ -76,6 +77,9 @@ from edsr_ray.video.encode import PART_EXTENSION
 logger = logging.getLogger(__name__)
 
 PARTS_SUFFIX = ".parts"
+# What a video's own content or storage can cause: one failed row, never the run. (The video library turns FFmpeg's
+# errors into VideoError with the file's name; FFmpegError stays here for what may still slip through.)
+VIDEO_ERRORS = (*ITEM_ERRORS, av.FFmpegError)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -190,7 +194,7 @@ def inspect_video(
         for stale in _stale_fingerprints(root, fingerprint, cfg):
             _remove_tree(stale, cfg)
         existing = _existing_parts(folder, cfg)
-    except ITEM_ERRORS as exc:
+    except VIDEO_ERRORS as exc:
         row.update(reason=reason_of(exc, source_uri), seconds=time.perf_counter() - start)
         return [row]
     keys = [p.key for s in segments for p in s.parts]
@@ -281,7 +285,7 @@ def decode_segment_rows(
                     "seconds": time.perf_counter() - start,
                 }
                 start = time.perf_counter()
-    except ITEM_ERRORS as exc:
+    except VIDEO_ERRORS as exc:
         reason = reason_of(exc, row["input"])
         if isinstance(exc, VideoDecodeError) and options.on_decode_error == "fail":
             reason += "; with --on-decode-error conceal, frames that cannot be decoded repeat the frame before"
@@ -496,7 +500,7 @@ def join_video(
         row.update(bytes=result.size, reason="")
         job = {**job, "notes": list(dict.fromkeys([*job["notes"], *result.notes]))}
         _remove_tree(parts_root(dest), cfg)
-    except ITEM_ERRORS as exc:
+    except VIDEO_ERRORS as exc:
         row["reason"] = reason_of(exc, row["input"])
         if tmp_dir is None:
             with contextlib.suppress(OSError, UnboundLocalError):
