@@ -20,6 +20,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from batch_cases import job_env
@@ -27,6 +28,7 @@ from video_cases import absurd_header, corrupt, faststart, packets, without_vide
 
 from edsr_ray.batch.job import ComputeOptions, run_upscale
 from edsr_ray.batch.reports import MANIFEST_NAME, SUMMARY_NAME
+from edsr_ray.batch.stages import decode_batch
 from edsr_ray.batch.video import decode_segment_rows, inspect_video, parts_root
 from edsr_ray.codecs import DecodedImage, decode_image, encode_image
 from edsr_ray.config import InferenceConfig
@@ -295,3 +297,19 @@ def test_part_rows_hold_at_most_the_part_budget_whatever_the_length(tmp_path):
     sizes = [first["frames"]] + [p["frames"] for p in parts]
     assert sizes == [5] * 6 and first["reason"] == ""
     assert len(first["pixels"]) * 4 == 5 * frame_out  # (K, H, W, 3) of the input, a quarter of the output
+
+
+def test_a_video_named_like_an_image_is_recognised_by_its_content(tmp_path):
+    """With video options (every --local run, and Ray runs with videos) it becomes a video; without (a Ray run
+    planned for images only, which has no segment stage) it fails with what to do."""
+    path = tmp_path / "holiday.png"
+    write_video(str(path), SampleVideo(frames=6, audio=None, width=32, height=32, format="mp4"))
+    tasks = pa.table({"input": [str(path)], "output": [str(tmp_path / "out" / "holiday.png")]})
+    rows = decode_batch(tasks, scale=2, video=VideoOptions()).to_pylist()
+    assert [r["kind"] for r in rows] == ["video", "segment"] and rows[0]["reason"] == ""
+    assert rows[0]["output"] == str(tmp_path / "out" / "holiday.mp4")  # named after what it is written as
+    (row,) = decode_batch(tasks, scale=2, video=None).to_pylist()
+    assert row["reason"] == (
+        f"{path}: it is an MP4 video named like an image, in a run planned for images only; give it a video "
+        "extension (.mp4, .mkv, ...) to upscale it as a video"
+    )

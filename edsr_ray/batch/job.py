@@ -317,7 +317,9 @@ def _ray_stream(tasks: list[Task], model: Any, work: _Work, compute: ComputeOpti
     codec = {"num_cpus": plan.codec_cpus, "batch_format": "pyarrow", "batch_size": CODEC_BATCH}
     with _data_context():
         ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(decode_batch, fn_kwargs=work.decode_kwargs(), **codec)
+        # Without videos by name there is no segment stage: a video named like an image fails with the reason.
+        decode_kwargs = {**work.decode_kwargs(), "video": work.video if work.has_videos else None}
+        ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, **codec)
         if work.has_videos:
             # One row a block: the segments of one video, emitted together, would otherwise be decoded by one task.
             ds = ds.repartition(target_num_rows_per_block=1)

@@ -314,9 +314,14 @@ def decode_batch(
         try:
             if isinstance(data, BaseException):
                 raise data
-            if data is None or sniff_container(data[:HEAD_BYTES]) is not None:
+            container = None if data is None else sniff_container(data[:HEAD_BYTES])
+            if data is None or container is not None:
                 if video_options is None or scale is None:
-                    raise ImageError(f"{source}: it is a video, and this run upscales images only")
+                    what = container.description if container is not None else "a video"
+                    raise ImageError(
+                        f"{source}: it is {what} named like an image, in a run planned for images only; give it a "
+                        "video extension (.mp4, .mkv, ...) to upscale it as a video"
+                    )
                 records += videos.inspect_video(
                     source, dest, scale=scale, options=video_options, model_identity=model_identity, cfg=cfg
                 )
