@@ -267,7 +267,7 @@ class _Work:
 
 def _local_stream(tasks: list[Task], stage: UpscaleBatch, work: _Work, compute: ComputeOptions) -> Iterator[pa.Table]:
     """The stages in this process, batch by batch (a video part by part)."""
-    size = compute.batch_size or (CPU_BATCH if stage.upscaler.device.type == "cpu" else GPU_BATCH)
+    size = _local_batch(stage, compute)
     for start in range(0, len(tasks), size):
         decoded = decode_batch(tasks_table(tasks[start : start + size]), **work.decode_kwargs())
         for rows in decode_segments(decoded, video=work.video, storage_config=work.storage_config):
@@ -276,6 +276,11 @@ def _local_stream(tasks: list[Task], stage: UpscaleBatch, work: _Work, compute: 
             yield write_batch(
                 upscaled, output_uri=work.output_uri, options=work.options, storage_config=work.storage_config
             )
+
+
+def _local_batch(stage: UpscaleBatch, compute: ComputeOptions) -> int:
+    """Images (and video frames) per model call in an in-process run."""
+    return compute.batch_size or (CPU_BATCH if stage.upscaler.device.type == "cpu" else GPU_BATCH)
 
 
 @contextlib.contextmanager
@@ -433,7 +438,8 @@ def run_upscale(
         output_uri,
         None if cfg is None else to_dict(cfg),
         video_to_dict(video),
-        f"{_model_identity(model)}:{scale}:{sorted(to_dict(inference).items())}",
+        # Only videos need it (their parts' fingerprint); in-process runs also find videos named like images.
+        f"{_model_identity(model)}:{scale}:{sorted(to_dict(inference).items())}" if has_videos or compute.local else "",
         has_videos,
     )
     parts = [manifest_table(rows)]
@@ -441,8 +447,8 @@ def run_upscale(
     if pending:
         if compute.local:
             # Built here, so that a device or setting this machine cannot honour fails before any image is read.
-            size = compute.batch_size or CPU_BATCH
-            stage = UpscaleBatch(model, scale, inference, device="cpu" if compute.gpus == 0 else None, frame_batch=size)
+            stage = UpscaleBatch(model, scale, inference, device="cpu" if compute.gpus == 0 else None)
+            stage.frame_batch = _local_batch(stage, compute)
             stream = _local_stream(pending, stage, work, compute)
         else:
             ensure_ray()  # before the clock starts: img/s measures the pipeline, not a cluster's start
