@@ -282,6 +282,42 @@ def test_a_killed_run_resumes_with_the_missing_parts_only(model_file, model, tmp
         assert np.array_equal(result, upscaler.upscale(frame, 2))
 
 
+def test_ray_runs_reuse_the_parts_an_interrupted_run_wrote(ray_cluster, model_file, model, tmp_path):
+    """Resume on Ray Data: the parts of three segments written by the stages themselves (as a run stopped after them
+    leaves them) are reused; only the other segments are decoded and encoded."""
+    from edsr_ray.batch.inputs import Task
+    from edsr_ray.batch.job import _model_identity
+    from edsr_ray.batch.stages import UpscaleBatch, decode_segments, tasks_table, write_batch
+    from edsr_ray.config import to_dict as config_to_dict
+    from edsr_ray.video import to_dict
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    write_video(str(src / "film.mp4"), SampleVideo(frames=36, options={"g": "6"}, width=48, height=32))
+    options = VideoOptions(codec="ffv1", **SHORT_PARTS)
+    identity = f"{_model_identity(model)}:2:{sorted(config_to_dict(InferenceConfig()).items())}"
+    dest = str(out / "film.mp4")
+    rows = decode_batch(
+        tasks_table([Task(str(src / "film.mp4"), "film.mp4", dest)]),
+        scale=2,
+        video=to_dict(options),
+        model_identity=identity,
+    )
+    assert rows.column("kind").to_pylist() == ["video"] + ["segment"] * 6
+    stage = UpscaleBatch(model, 2, InferenceConfig(), device="cpu")
+    for part in decode_segments(rows.slice(1, 3), video=to_dict(options)):
+        write_batch(stage(part), output_uri=str(out), options={"fmt": "same"})
+    assert len(list(Path(parts_root(dest)).rglob("*.nut"))) == 3
+
+    summary = run_upscale(
+        str(model_file), str(src), str(out), video=options, compute=ComputeOptions(gpus=0), progress=False
+    )
+    (row,) = summary.manifest.to_pylist()
+    assert row["status"] == "ok" and (row["parts"], row["parts_reused"]) == (6, 3), row
+    assert not Path(parts_root(dest)).exists()
+    assert_upscaled_exactly(model, src / "film.mp4", out / "film.mp4")
+
+
 def test_part_rows_hold_at_most_the_part_budget_whatever_the_length(tmp_path):
     """The memory bound's unit: a video of many frames comes out of the decode stage as parts, one at a time, each
     at most ``part_bytes`` once upscaled."""
