@@ -18,4 +18,5 @@ python benchmarks/bench_train.py --device cuda --model baseline --batch 16 --ste
 python benchmarks/bench_train.py --device cuda --model paper --batch 16 --steps 50 || status=1
 python benchmarks/bench_serve.py --device cuda --model baseline --concurrency 64 --batch 16 --requests 1000 || status=1
 python benchmarks/bench_upscale.py || status=1
+python benchmarks/bench_video.py --job-only --gpus 1 --job-frames 480 --job-size 960x540 || status=1
 exit $status

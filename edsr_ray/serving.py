@@ -8,6 +8,11 @@ models per replica (the model id is the model's name; one MDSR serves all its sc
 small images of equal size into one forward pass. Larger images run one at a time through the shared
 :class:`~edsr_ray.inference.Upscaler`, which tiles them when they do not fit (or at ``tile``).
 
+Short video clips go to the same endpoint: the ingress probes them against the clip limits (``max_clip_frames``,
+``max_clip_seconds``, ``max_clip_output_pixels``, and ``max_pixels`` per frame; over one, a 413 that names the limit
+and points at the batch job), decodes and encodes them (:func:`edsr_ray.video.upscale_clip`, audio and subtitles
+copied), and sends the frames to ``EdsrModel`` at most ``max_batch_size`` at a time.
+
 Settings are a frozen :class:`ServeSettings` built from the application builder's arguments (``serve run
 serve.app:app models.x2=s3://... max_batch_size=16``) or the ``args`` of ``serve/config.yaml``; unknown keys and bad
 values raise :class:`~edsr_ray.errors.ConfigError` naming the key before anything is deployed.
@@ -55,6 +60,9 @@ CONFIG_ENV = "EDSR_SERVE_CONFIG"  # YAML file of settings read by the applicatio
 # Upload formats the service decodes (edsr_ray.codecs names): a service that takes untrusted uploads should not expose
 # every decoder Pillow carries, and a known signature separates "not an image" (415) from "a broken image" (400).
 ACCEPTED_FORMATS = ("png", "jpeg", "webp", "gif", "bmp", "tiff")
+# Video clips are upscaled in parts of at most this many bytes of upscaled frames (bounds a request's memory).
+CLIP_PART_BYTES = 64 << 20
+BATCH_JOB_HINT = "longer or larger videos are upscaled by the batch job (jobs/upscale.py)"
 # Model names are URL query values, multiplexed model ids and metric tag values: keep them plain.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -86,6 +94,11 @@ class ServeSettings:
     max_body_bytes: int = 32 << 20
     max_pixels: int = 4_000_000
     body_timeout_s: float = 30.0  # reading the request body (slow clients get 408)
+    # Video clips: frames, seconds, and frames x output pixels (the work and the answer grow with it); longer videos
+    # are the batch job's.
+    max_clip_frames: int = 240
+    max_clip_seconds: float = 10.0
+    max_clip_output_pixels: int = 500_000_000
     request_timeout_s: float = 120.0  # each call to the model replicas: loading a model, upscaling (then 504)
     # Inference (the shared Upscaler): LR tile side (None: whole images when they fit), precision.
     tile: int | None = None
@@ -132,8 +145,11 @@ class ServeSettings:
                 "default_model",
                 f"{self.default_model!r} is not one of the configured models {sorted(self.models)}",
             )
-        for key in ("max_body_bytes", "max_pixels", "batch_max_pixels", "max_ongoing_requests"):
+        for key in ("max_body_bytes", "max_pixels", "batch_max_pixels", "max_ongoing_requests", "max_clip_frames"):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("max_clip_seconds", "max_clip_output_pixels"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+            _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         for key in ("body_timeout_s", "request_timeout_s"):
             _check(getattr(self, key) > 0, key, f"must be > 0 seconds, got {getattr(self, key)}")
         if self.tile is not None:
@@ -508,6 +524,15 @@ class EdsrModel:
         # Large images are tiled inside the Upscaler (at `tile`, or automatically when they exceed its memory budget).
         return await self._run(upscaler.upscale_decoded, image, int(scale))
 
+    async def upscale_frames(self, model: str, frames: np.ndarray, scale: int, self_ensemble: bool = False) -> Any:
+        """Upscale a clip's (K, H, W, 3) frames (uint8, or uint16 for deeper videos) as one batch."""
+        from edsr_ray.batch.video import upscale_frames
+
+        loaded = await self._get_model(model)
+        upscaler = loaded.ensemble if self_ensemble else loaded.plain
+        self._single += 1
+        return await self._run(upscale_frames, upscaler, frames, int(scale), len(frames))
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _upscale_batch(self, items: list[_BatchItem]) -> list[np.ndarray | BaseException]:
         """Serve's batcher hands over queued small images (one multiplexed model id per call); images of one
@@ -560,8 +585,8 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "Empty, malformed or corrupt upload; bad outscale, width or height"),
         (401, "Missing or invalid bearer token (when auth is on)"),
         (408, "The request body arrived too slowly"),
-        (413, "Body over the byte limit, image or output over the pixel limit"),
-        (415, "Not an image in a supported format"),
+        (413, "Body over the byte limit, image or output over the pixel limit, or clip over a clip limit"),
+        (415, "Not an image or video in a supported format"),
         (422, "Unsupported scale, model, format or parameter"),
         (503, "The model could not be loaded"),
         (504, "Upscaling took longer than the request timeout"),
@@ -650,6 +675,9 @@ class EdsrIngress:
                     "max_body_bytes": s.max_body_bytes,
                     "max_pixels": s.max_pixels,
                     "max_output_pixels": output_pixel_limit(s.max_pixels),
+                    "max_clip_frames": s.max_clip_frames,
+                    "max_clip_seconds": s.max_clip_seconds,
+                    "max_clip_output_pixels": s.max_clip_output_pixels,
                     "request_timeout_s": s.request_timeout_s,
                 },
                 "batching": {
@@ -662,7 +690,7 @@ class EdsrIngress:
 
         @api.post(
             "/v1/upscale",
-            summary="Upscale an image (raw body or multipart field 'file')",
+            summary="Upscale an image or a short video clip (raw body or multipart field 'file')",
             dependencies=guarded,
             openapi_extra={"requestBody": _UPLOAD_BODY},
             responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **_ERROR_RESPONSES},
@@ -811,6 +839,17 @@ class EdsrIngress:
                 408, "body_timeout", f"the request body did not arrive within {s.body_timeout_s:g} s"
             ) from None
         data, name = await image_from_body(request.headers, body)
+        from edsr_ray.video import sniff_container
+
+        if sniff_container(data[:512]) is not None:
+            if size.asked:
+                raise RequestRejected(
+                    422,
+                    "bad_parameter",
+                    f"{name}: outscale, width and height apply to images only; send the clip without them (it is "
+                    "answered at the model's factor)",
+                )
+            return await self._upscale_clip(data, name, scale, model, self_ensemble)
         width, height, in_format = check_image(data, name=name, max_pixels=s.max_pixels)
         if size.asked and scale is None:  # the smallest scale that covers the size asked for (edsr_ray.outsize)
             offered = await self._offered_scales(model)
@@ -845,6 +884,80 @@ class EdsrIngress:
             media_type=content_type(out_format),
             headers={"X-Upscale-Model": name_, "X-Upscale-Scale": str(scale_)},
         )
+
+    async def _upscale_clip(
+        self, data: bytes, name: str, scale: int | None, model: str | None, self_ensemble: bool
+    ) -> Response:
+        """A video clip: checked against the clip limits, its frames upscaled by the model deployment at most
+        ``max_batch_size`` at a time, encoded with the default video options, answered in its own container."""
+        import io
+
+        from edsr_ray.video import VideoError, VideoLimits, VideoOptions, VideoTooLargeError, upscale_clip
+
+        s = self._settings
+        limits = VideoLimits(s.max_pixels, s.max_clip_frames, s.max_clip_seconds)
+        options = VideoOptions(part_bytes=CLIP_PART_BYTES, limits=limits)
+        info = await asyncio.to_thread(clip_info, data, name, limits)
+        name_, scale_ = await self._choose(model, scale)
+        work = info.frames * info.width * info.height * scale_ * scale_
+        if work > s.max_clip_output_pixels:
+            raise RequestRejected(
+                413,
+                "clip_too_large",
+                f"{name}: {info.frames} frames of {info.width * scale_}x{info.height * scale_} output pixels are "
+                f"{work:,} pixels, over the limit of {s.max_clip_output_pixels:,}; {BATCH_JOB_HINT}",
+            )
+        handle = self._model.options(multiplexed_model_id=name_)
+        loop = asyncio.get_running_loop()
+        what = f"upscaling a clip with model {name_!r}"
+
+        async def one(chunk: np.ndarray) -> np.ndarray:  # on the event loop: the handle is called from there
+            return await self._call(handle.upscale_frames.remote(name_, chunk, scale_, self_ensemble), what)
+
+        def upscale(frames: np.ndarray) -> np.ndarray:  # on a worker thread, which waits for the loop's calls
+            step = s.max_batch_size
+            calls = [
+                asyncio.run_coroutine_threadsafe(one(frames[i : i + step]), loop) for i in range(0, len(frames), step)
+            ]
+            return np.concatenate([call.result() for call in calls])  # (K, H*s, W*s, 3)
+
+        out = io.BytesIO()
+        try:
+            done = await asyncio.to_thread(upscale_clip, io.BytesIO(data), out, upscale, scale_, options, name=name)
+        except VideoTooLargeError as exc:  # headers can under-declare: the index counts again
+            raise RequestRejected(413, "clip_too_large", f"{exc}; {BATCH_JOB_HINT}") from None
+        except VideoError as exc:
+            raise RequestRejected(400, "corrupt_video", str(exc)) from None
+        tags = {"model": name_, "scale": str(scale_)}
+        self._images.inc(tags=tags)
+        self._megapixels.inc(done.result.frames * info.width * info.height / 1e6, tags=tags)
+        return Response(
+            out.getvalue(),
+            media_type=done.output.format.content_type,
+            headers={
+                "X-Upscale-Model": name_,
+                "X-Upscale-Scale": str(scale_),
+                "X-Upscale-Frames": str(done.result.frames),
+            },
+        )
+
+
+def clip_info(data: bytes, name: str, limits: Any) -> Any:
+    """The :class:`~edsr_ray.video.VideoInfo` of an uploaded clip with its frames counted (headers may declare none
+    or too few), or the 4xx that refuses it: 413 over a limit, 415 without a video stream, 400 when broken."""
+    import io
+
+    from edsr_ray.video import VideoError, VideoTooLargeError, build_index, probe
+
+    try:
+        info = probe(io.BytesIO(data), limits, name=name)
+        index = build_index(io.BytesIO(data), info, limits, name=name)
+    except VideoTooLargeError as exc:
+        raise RequestRejected(413, "clip_too_large", f"{exc}; {BATCH_JOB_HINT}") from None
+    except VideoError as exc:
+        status, reason = (415, "no_video_stream") if "no video stream" in str(exc) else (400, "corrupt_video")
+        raise RequestRejected(status, reason, str(exc)) from None
+    return dataclasses.replace(info, frames=len(index.pts))
 
 
 async def _awaitable(response: Any) -> Any:

@@ -1,8 +1,10 @@
-"""Upscale a collection of images (folder, s3:// prefix, one image, or a list file) with an EDSR/MDSR model.
+"""Upscale a collection of images and videos (folder, s3:// prefix, one file, or a list file) with an EDSR/MDSR model.
 
     python jobs/upscale.py --model SRC --input SRC --output DST [--scale N] [--outscale F | --width W | --height H]
         [--tile N] [--self-ensemble]
         [--precision auto|fp32|bf16|fp16] [--format same|png|jpeg|webp] [--quality Q] [--png-compression fast|small]
+        [--video-codec h264|h265|vp9|av1|ffv1] [--crf N] [--video-preset P] [--video-format same|mp4|mkv|webm|mov]
+        [--on-decode-error fail|conceal] [--max-video-frames N] [--max-video-seconds S]
         [--gpus N] [--workers N] [--batch-size N] [--max-pixels N] [--max-read-bytes N] [--allow-failures N]
         [--local] [-q]
 
@@ -30,6 +32,9 @@ from edsr_ray.codecs import MAX_PIXELS_DEFAULT
 from edsr_ray.config import PRECISIONS, InferenceConfig, from_dict
 from edsr_ray.outsize import OutputSize
 from edsr_ray.storage import StorageConfig
+from edsr_ray.video import CODECS, VideoLimits, VideoOptions
+from edsr_ray.video.containers import REQUESTABLE
+from edsr_ray.video.options import DECODE_ERROR_POLICIES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,10 +71,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="fast",
         help="fast (default): fpng, far faster to encode, files a little larger; small: zlib level 6 like Pillow",
     )
+    video = VideoOptions()
+    p.add_argument("--video-codec", choices=list(CODECS), default=video.codec, help="video codec (ffv1: lossless)")
+    p.add_argument("--crf", type=int, help="video quality, lower is better (default per codec: h264 18, h265 20, ...)")
+    p.add_argument("--video-preset", help="encoder speed preset (x264/x265 names, VP9 0-8, AV1 0-13)")
+    p.add_argument(
+        "--video-format", choices=REQUESTABLE, default=video.container, help="video container (same: the input's)"
+    )
+    p.add_argument(
+        "--on-decode-error",
+        choices=DECODE_ERROR_POLICIES,
+        default=video.on_decode_error,
+        help="a frame that cannot be decoded: fail the video (default) or repeat the previous frame (counted)",
+    )
+    p.add_argument("--max-video-frames", type=int, default=video.limits.max_frames, help="refuse longer videos")
+    p.add_argument(
+        "--max-video-seconds", type=float, default=video.limits.max_seconds, help="refuse longer videos (seconds)"
+    )
     p.add_argument("--gpus", type=int, help="model actors with one GPU each (default: all GPUs; 0: CPU only)")
     p.add_argument("--workers", type=int, help="at most this many model actors (default: one per GPU, or CPUs-1)")
     p.add_argument("--batch-size", type=int, help="images per model call (default 16 on GPU, 4 on CPU)")
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS_DEFAULT, help="refuse larger inputs (pixels)")
+    p.add_argument(
+        "--max-pixels", type=int, default=MAX_PIXELS_DEFAULT, help="refuse larger inputs (pixels; per video frame)"
+    )
     p.add_argument(
         "--max-read-bytes",
         type=int,
@@ -99,6 +123,14 @@ def _upscale(args: argparse.Namespace) -> int:
     options = CodecOptions(
         fmt=args.format, quality=args.quality, png_compression=args.png_compression, max_pixels=args.max_pixels
     )
+    video = VideoOptions(
+        codec=args.video_codec,
+        crf=args.crf,
+        preset=args.video_preset,
+        container=args.video_format,
+        on_decode_error=args.on_decode_error,
+        limits=VideoLimits(args.max_pixels, args.max_video_frames, args.max_video_seconds),
+    )
     compute = ComputeOptions(local=args.local, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size)
     cfg = None
     if args.max_read_bytes is not None:
@@ -112,6 +144,7 @@ def _upscale(args: argparse.Namespace) -> int:
             size=size,
             inference=inference,
             options=options,
+            video=video,
             compute=compute,
             allow_failures=args.allow_failures,
             cfg=cfg,

@@ -44,9 +44,9 @@ def test_plan_skips_the_output_folder_inside_the_input_and_refuses_collisions(tm
     assert [(t.key, "also the output of" in why) for t, why in refused] == [("a.png", True)]
     # Nothing vanishes: the files that are not inputs are ignored with the reason.
     assert [(Path(s).relative_to(tmp_path / "in").as_posix(), why.split(" ", 1)[1]) for s, why in ignored] == [
-        ("_manifest.parquet", "is not an image extension"),
+        ("_manifest.parquet", "is not an image or video extension"),
         ("out/old/done.png", "lies inside the output location " + str(tmp_path / "in" / "out")),
-        ("readme.md", "is not an image extension"),
+        ("readme.md", "is not an image or video extension"),
     ]
 
     single = plan_tasks(str(tmp_path / "in" / "readme.md"), str(tmp_path / "o")).tasks

@@ -677,10 +677,10 @@ def hostile_tree(tmp_path_factory, photos, special_files) -> tuple[Path, dict[st
     images["folder.png/inner.png"] = "folder.png/inner.png"
     failures = {key: words for key, words in special.items() if key != "folder.png"}
     ignored = {
-        "README": "no extension, and its content is not an image: 28 bytes of UTF-8 text",
-        ".DS_Store": "no extension, and its content is not an image: 1024 bytes of binary data",
-        "notes.txt": ".txt is not an image extension",
-        "doc.pdf": ".pdf is not an image extension",
+        "README": "no extension, and its content is neither an image nor a video: 28 bytes of UTF-8 text",
+        ".DS_Store": "no extension, and its content is neither an image nor a video: 1024 bytes of binary data",
+        "notes.txt": ".txt is not an image or video extension",
+        "doc.pdf": ".pdf is not an image or video extension",
         "pipe": "no extension, and not a regular file: a FIFO (named pipe)",
     }
     return root, images, failures, ignored
@@ -829,13 +829,15 @@ def test_objects_without_an_extension_are_sniffed_with_ranged_reads(s3, model_fi
     summary = run_upscale(
         str(model_file), src, out, options=CodecOptions(fmt="webp"), compute=ComputeOptions(local=True)
     )
-    assert (summary.written, summary.count("failed")) == (3, 0)
+    # The MP4 header without an extension is taken for a video by its content, and fails as one (no streams).
+    assert (summary.written, summary.count("failed")) == (3, 1)
+    (failure,) = summary.failures
+    assert failure["input"] == f"{src}/deep/clip" and failure["reason"].startswith(f"{src}/deep/clip: ")
     written = sorted(p.relative_to(out).as_posix() for p in Path(out).rglob("*.webp"))
     assert written == ["deep/shot.webp", "photo.webp", "scan.webp"]
     assert sorted((Path(s).name, why) for s, why in summary.ignored) == [
-        ("README", "no extension, and its content is not an image: 6 bytes of UTF-8 text"),
-        ("clip", "no extension, and its content is not an image: an MP4 video"),
-        ("empty", "no extension, and its content is not an image: an empty file"),
+        ("README", "no extension, and its content is neither an image nor a video: 6 bytes of UTF-8 text"),
+        ("empty", "no extension, and its content is neither an image nor a video: an empty file"),
     ]
     result = decode_image((Path(out) / "scan.webp").read_bytes())
     assert (result.width, result.height) == (48, 64)

@@ -25,4 +25,7 @@ def test_summary_exit_codes_and_progress_text():
 
     progress = Progress(10, bar=False, every_s=1e9)
     progress.update(manifest_table(rows))
-    assert progress.text().startswith("3/10 images (30.0%)") and "1 failed" in progress.text()
+    assert progress.text().startswith("3/10 inputs (30.0%)") and "1 failed" in progress.text()
+    assert "frames" not in progress.text()  # no videos: no frame counter
+    progress.frames(12, 48)
+    assert "video frames 12/48" in progress.text()

@@ -47,6 +47,7 @@ TILE = 32  # LR tile side: the 48x64 test image is tiled, the 24x32 one is not
 BATCH_MAX_PIXELS = 32 * 32  # 24x32 images take the batched path, 48x64 ones the single-image path
 MAX_BODY = 256 * 1024
 MAX_PIXELS = 200 * 200
+MAX_CLIP_FRAMES = 30
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -208,6 +209,7 @@ def service(weights):
         "batch_max_pixels": BATCH_MAX_PIXELS,
         "max_body_bytes": MAX_BODY,
         "max_pixels": MAX_PIXELS,
+        "max_clip_frames": MAX_CLIP_FRAMES,
     }
     ray.init(
         address="local",
@@ -562,3 +564,60 @@ def test_prometheus_metrics_count_images_megapixels_and_rejections(service, clie
     assert images >= 1 and rejected >= 1, "custom counters never reached /metrics"
     assert megapixels == pytest.approx(images * 48 * 64 / 1e6)
     assert "ray_serve_num_http_requests_total" in text  # Serve's own metrics are still exported
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Video clips
+
+
+def _clip(tmp_path: Path, name: str, **fields) -> bytes:
+    from edsr_ray.video.samples import SampleVideo, write_video
+
+    path = tmp_path / name
+    write_video(str(path), SampleVideo(width=48, height=32, options={"g": "6"}, **fields))
+    return path.read_bytes()
+
+
+def test_a_short_clip_round_trips_with_its_frames_times_and_audio(client, nets, tmp_path):
+    import io
+
+    import av
+    from video_cases import packets
+
+    data = _clip(tmp_path, "clip.mp4", frames=20)
+    response = client.post("/v1/upscale", params={"scale": 2, "model": "x2"}, content=data)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "video/mp4" and response.headers["x-upscale-frames"] == "20"
+    (tmp_path / "out.mp4").write_bytes(response.content)
+    with av.open(io.BytesIO(data)) as src, av.open(str(tmp_path / "out.mp4")) as out:
+        tb_in, tb_out = src.streams.video[0].time_base, out.streams.video[0].time_base
+        want = [(round(float(f.pts * tb_in), 4), f.to_ndarray(format="rgb24")) for f in src.decode(video=0)]
+        got = [(round(float(f.pts * tb_out), 4), f.to_ndarray(format="rgb24")) for f in out.decode(video=0)]
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert all(frame.shape == (64, 96, 3) for _, frame in got)
+
+    # H.264 (4:2:0, CRF 18): near the model's frames, not equal (the exact, lossless check is the batch job's); each
+    # frame is nearest to the model's output for its own input frame.
+    def error(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+    references = [upscale(nets["x2"], frame, 2) for _, frame in want[4:7]]
+    errors = [error(got[5][1], reference) for reference in references]
+    assert errors[1] < 8 and errors[1] < min(errors[0], errors[2]), errors
+    assert packets(tmp_path / "out.mp4", "audio") == packets(tmp_path / "clip.mp4", "audio")
+
+
+def test_clips_over_a_limit_get_413_naming_it_and_the_batch_job(client, tmp_path):
+    long = _clip(tmp_path, "long.mp4", frames=MAX_CLIP_FRAMES + 10)
+    response = client.post("/v1/upscale", params={"scale": 2, "model": "x2"}, content=long)
+    assert response.status_code == 413 and response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert f"over the limit of {MAX_CLIP_FRAMES}" in error and "batch job (jobs/upscale.py)" in error
+    # Matroska declares no frame count: the frames are counted before any is upscaled.
+    uncounted = _clip(tmp_path, "long.mkv", frames=MAX_CLIP_FRAMES + 10, audio=None)
+    response = client.post("/v1/upscale", params={"scale": 2, "model": "x2"}, content=uncounted)
+    assert response.status_code == 413 and "batch job" in response.json()["error"]
+    # Output sizes are for images: a clip with one is refused, naming the parameters.
+    short = _clip(tmp_path, "short.mp4", frames=4, audio=None)
+    response = client.post("/v1/upscale", params={"outscale": "1.5", "model": "x2"}, content=short)
+    assert response.status_code == 422 and "apply to images only" in response.json()["error"]

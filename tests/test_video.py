@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import struct
 import uuid
 from fractions import Fraction
@@ -20,6 +19,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from video_cases import absurd_header, corrupt, faststart, packets, without_video
 
 from edsr_ray import storage
 from edsr_ray.errors import ConfigError
@@ -53,7 +53,7 @@ from edsr_ray.video import (
     to_dict,
     upscale_clip,
 )
-from edsr_ray.video.samples import SampleVideo, write_tone, write_video
+from edsr_ray.video.samples import SampleVideo, write_video
 
 LIMITS = VideoLimits()
 BT709 = Colour(1, 1, 1, 1)
@@ -132,15 +132,6 @@ def decode_all(path, fmt: str = "rgb24", colour: tuple[int, int] | None = None) 
                 rgb = frame.reformat(format=fmt, src_colorspace=colour[0], src_color_range=colour[1])
                 out.append((frame.pts, rgb.to_ndarray()))
     return out
-
-
-def packets(path, kind: str) -> list[tuple[int | None, str]]:
-    """(pts, sha1 of the payload) of every packet of the first stream of ``kind`` ("audio", "subtitles")."""
-    with av.open(str(path)) as handle:
-        streams = getattr(handle.streams, kind)
-        if not streams:
-            return []
-        return [(p.pts, hashlib.sha1(bytes(p)).hexdigest()) for p in handle.demux(streams[0]) if p.size]
 
 
 def timed_packets(path, kind: str) -> list[tuple[float, str]]:
@@ -322,58 +313,6 @@ def _decode_whole(source):
 # Bad input: one clear reason each
 
 
-def _faststart(src: Path, dest: Path) -> Path:
-    """``src`` remuxed with its index (moov) first, as streaming-ready MP4 files are."""
-    with av.open(str(src)) as inp, av.open(str(dest), "w", container_options={"movflags": "faststart"}) as out:
-        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
-        for packet in inp.demux():
-            if packet.size:
-                packet.stream = streams[packet.stream.index]
-                out.mux(packet)
-    return dest
-
-
-def _corrupt(src: Path, dest: Path) -> Path:
-    """``src`` with bytes overwritten in the middle of its frames."""
-    data = bytearray(src.read_bytes())
-    rng = random.Random(1)
-    for offset in range(len(data) // 2, len(data) // 2 + 1500, 7):
-        data[offset] = rng.randrange(256)
-    dest.write_bytes(bytes(data))
-    return dest
-
-
-def _without_video(dest: Path, audio: str, subtitles: bool = False) -> Path:
-    """A file of one second of ``audio`` (and a subtitle stream): no video."""
-    with av.open(str(dest), "w", format="mp4" if dest.suffix == ".m4a" else None) as out:
-        stream = out.add_stream(audio, rate=48000)
-        stream.layout = "stereo"
-        if subtitles:
-            out.add_mux_stream("subrip").time_base = Fraction(1, 1000)
-        out.start_encoding()
-        write_tone(out, stream, 1.0)
-    return dest
-
-
-def _absurd_header(dest: Path) -> Path:
-    """An uncompressed AVI whose headers claim 100000 x 100000 pixels per frame."""
-    with av.open(str(dest), "w") as out:
-        stream = out.add_stream("rawvideo", rate=24)
-        stream.width, stream.height, stream.pix_fmt = 16, 8, "bgr24"
-        for i in range(3):
-            frame = av.VideoFrame(16, 8, "bgr24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    data = bytearray(dest.read_bytes())
-    bitmap = data.index(b"strf") + 8  # BITMAPINFOHEADER: size, width, height
-    data[bitmap + 4 : bitmap + 12] = struct.pack("<ii", 100_000, 100_000)
-    main = data.index(b"avih") + 8  # MainAVIHeader: ..., width, height at bytes 32-40
-    data[main + 32 : main + 40] = struct.pack("<II", 100_000, 100_000)
-    dest.write_bytes(bytes(data))
-    return dest
-
-
 def _ten_hours(dest: Path) -> Path:
     write_video(str(dest), SampleVideo(frames=4, time_base=Fraction(1, 1000), pts=(0, 40, 80, 36_000_000), audio=None))
     return dest
@@ -427,26 +366,26 @@ def test_hostile_inputs_get_one_clear_reason_each(video, tmp_path):
             "cannot open an MP4 video: Invalid data",
         ),
         "faststart-truncated.mp4": (
-            lambda p: p.write_bytes(_faststart(source, tmp_path / "fs.mp4").read_bytes()[:14_000]),
+            lambda p: p.write_bytes(faststart(source, tmp_path / "fs.mp4").read_bytes()[:14_000]),
             VideoError,
             r"truncated: the file holds \d+ of the 30 frames",
         ),
         "corrupt.mp4": (
-            lambda p: _corrupt(_faststart(source, tmp_path / "fs2.mp4"), p),
+            lambda p: corrupt(faststart(source, tmp_path / "fs2.mp4"), p),
             VideoDecodeError,
             r"decode error at \d+\.\d+ s \(pts \d+\): Invalid data",
         ),
         "audio.m4a": (
-            lambda p: _without_video(p, "aac"),
+            lambda p: without_video(p, "aac"),
             VideoError,
             r"no video stream \(the file holds: audio #0 aac\)",
         ),
         "no-video.mkv": (
-            lambda p: _without_video(p, "flac", subtitles=True),
+            lambda p: without_video(p, "flac", subtitles=True),
             VideoError,
             r"no video stream \(the file holds: audio #0 flac, subtitle #1 subrip\)",
         ),
-        "absurd.avi": (_absurd_header, VideoError, "no valid frame size"),
+        "absurd.avi": (absurd_header, VideoError, "no valid frame size"),
         "ten-hours.mkv": (_ten_hours, VideoTooLargeError, "lasts 36,000 s, over the limit of 21,600 s"),
         "size-switch.mkv": (_size_switch, VideoError, "frame size changes from 64x48 to 128x96 at 0.167 s"),
     }
@@ -481,7 +420,7 @@ def test_limits_are_checked_before_decoding_and_by_the_decoder(video, tmp_path):
 
 
 def test_decode_errors_fail_by_default_and_are_concealed_on_request(video, tmp_path):
-    path = _corrupt(_faststart(video("bframes.mp4"), tmp_path / "fs.mp4"), tmp_path / "corrupt.mp4")
+    path = corrupt(faststart(video("bframes.mp4"), tmp_path / "fs.mp4"), tmp_path / "corrupt.mp4")
     info = probe(path, LIMITS)
     index = build_index(path, info, LIMITS)
     segments = plan_segments(index, 4)
@@ -501,7 +440,7 @@ def test_decode_errors_fail_by_default_and_are_concealed_on_request(video, tmp_p
 
 
 def test_concealed_frames_keep_the_count_and_times_of_the_output(video, tmp_path):
-    path = _corrupt(_faststart(video("bframes.mp4"), tmp_path / "fs.mp4"), tmp_path / "corrupt.mp4")
+    path = corrupt(faststart(video("bframes.mp4"), tmp_path / "fs.mp4"), tmp_path / "corrupt.mp4")
     with pytest.raises(VideoDecodeError, match="decode error at"):
         upscale_clip(path, tmp_path / "failed.mp4", double, 2, VideoOptions())
     done = upscale_clip(path, tmp_path / "out.mp4", double, 2, VideoOptions(on_decode_error="conceal"))

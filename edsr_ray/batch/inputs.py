@@ -1,10 +1,10 @@
 """The inputs of a batch upscaling run and where each output goes.
 
-An ``--input`` is a folder or prefix (searched recursively: image extensions, and files without an extension whose
-content is an image), one file, or a list file (text or Parquet). :func:`plan_tasks` turns it into :class:`Task`
-rows (source, key relative to the input, destination under the output location), the inputs that cannot be written
-(with why) and the files that are not inputs (with why); :func:`existing_outputs` lists what a previous run wrote, so
-a re-run does only what is missing.
+An ``--input`` is a folder or prefix (searched recursively: image and video extensions, and files without an extension
+whose content is an image or a video), one file, or a list file (text or Parquet). :func:`plan_tasks` turns it into
+:class:`Task` rows (source, key relative to the input, destination under the output location), the inputs that cannot
+be written (with why) and the files that are not inputs (with why); :func:`existing_outputs` lists what a previous run
+wrote, so a re-run does only what is missing.
 
 Guarantees: an output keeps its input's relative key under the output location; keys never contain ``..``; an input
 location at or inside the output location is refused, and outputs inside the input location are never taken for
@@ -17,7 +17,7 @@ import io
 import logging
 import os
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -36,8 +36,11 @@ from edsr_ray.codecs import (
     output_format,
     sniff,
 )
+from edsr_ray.config import from_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, LocationError, StorageError
 from edsr_ray.storage import StorageConfig
+from edsr_ray.video.containers import CONTAINERS, VIDEO_SUFFIXES, choose_output
+from edsr_ray.video.options import VideoOptions
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,24 @@ def output_key(key: str, fmt: str, detected: str | None = None) -> str:
         fmt = output_format(SAME_FORMAT, detected)
     extension = FORMAT_EXTENSIONS[fmt]
     return f"{key}{extension}" if not has_extension(key) else str(path.with_suffix(extension))
+
+
+def video_container(key: str, detected: str | None = None) -> str | None:
+    """The container a video input's name (or its sniffed ``detected`` format) suggests; None when neither does."""
+    if detected in CONTAINERS:
+        return detected
+    return VIDEO_SUFFIXES.get(PurePosixPath(key).suffix.lower())
+
+
+def video_output_key(key: str, container: str, options: VideoOptions) -> str:
+    """A video's output key: the input's when its output keeps the input's container family (an .m4v stays .m4v),
+    else the input's with the extension of the container written (an .avi becomes .mkv; see
+    :func:`~edsr_ray.video.containers.choose_output`)."""
+    choice = choose_output(container, options.codec, options.container)
+    if choice.same_family and has_extension(key):
+        return key
+    extension = choice.format.extension
+    return f"{key}{extension}" if not has_extension(key) else str(PurePosixPath(key).with_suffix(extension))
 
 
 def written_format(dest: str, fmt: str) -> str:
@@ -230,8 +251,9 @@ def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = Non
     must not become input); an input folder at or inside the output location is refused, since outputs could then
     overwrite inputs. A list file's entries are all returned (see :func:`plan_tasks`).
 
-    Below a folder or prefix, a file is an input when its extension is an image's (:data:`IMAGE_SUFFIXES`), or when it
-    has no extension and its first bytes are an image's (:func:`~edsr_ray.codecs.sniff`; one short ranged read per
+    Below a folder or prefix, a file is an input when its extension is an image's (:data:`IMAGE_SUFFIXES`) or a
+    video's (:data:`~edsr_ray.video.containers.VIDEO_SUFFIXES`), or when it has no extension and its first bytes are an
+    image's or a video's (:func:`~edsr_ray.codecs.sniff`; one short ranged read per
     such file, several at once); every other file is listed in ``ignored`` with the reason.
     """
     if is_list_file(input_uri) and storage.exists(input_uri, cfg) and not _is_folder(input_uri, cfg):
@@ -253,20 +275,21 @@ def list_inputs(input_uri: str, output_uri: str, cfg: StorageConfig | None = Non
     for source in files:
         if inside_output(source):
             ignored.append((source, f"it lies inside the output location {output_uri}"))
-        elif source.lower().endswith(IMAGE_SUFFIXES):
+        elif source.lower().endswith((*IMAGE_SUFFIXES, *VIDEO_SUFFIXES)):
             inputs.append((source, source[len(base) + 1 :], None))
         elif not has_extension(source):
             unnamed.append(source)
         else:
-            ignored.append((source, f".{source.rsplit('.', 1)[1]} is not an image extension"))
+            ignored.append((source, f".{source.rsplit('.', 1)[1]} is not an image or video extension"))
     for source, found in zip(unnamed, _sniff_files(unnamed, cfg)):
         if isinstance(found, storage.NotRegularFileError):  # a FIFO, a link to a folder, ...: nothing to sniff
             ignored.append((source, f"no extension, and {str(found).removeprefix(source + ': ')}"))
-        elif isinstance(found, BaseException) or found.kind == "image":  # unreadable: fails as an input, by name
+        elif isinstance(found, BaseException) or found.kind in ("image", "video"):  # unreadable: fails by name
             detected = None if isinstance(found, BaseException) else found.format
             inputs.append((source, source[len(base) + 1 :], detected))
         else:
-            ignored.append((source, f"no extension, and its content is not an image: {found.description}"))
+            why = f"no extension, and its content is neither an image nor a video: {found.description}"
+            ignored.append((source, why))
     return Listing(inputs, ignored)
 
 
@@ -313,18 +336,27 @@ class Plan(NamedTuple):
     ignored: list[tuple[str, str]]
 
 
-def plan_tasks(input_uri: str, output_uri: str, fmt: str = SAME_FORMAT, cfg: StorageConfig | None = None) -> Plan:
+def plan_tasks(
+    input_uri: str,
+    output_uri: str,
+    fmt: str = SAME_FORMAT,
+    cfg: StorageConfig | None = None,
+    video: VideoOptions | None = None,
+) -> Plan:
     """Tasks for every input, in sorted order, plus the inputs that cannot be written and the files that are not
-    inputs, each with the reason.
+    inputs, each with the reason. Images get their output key from ``fmt``, videos (by extension, or by content for
+    names without one) from ``video`` (:func:`video_output_key`).
 
     Two inputs that would write the same output (``a.jpg`` and ``a.png`` with ``--format png``) cannot both be
-    written: the second is refused. (Outputs are always images, so they never collide with the run's reports.)
+    written: the second is refused. (Outputs are images and videos, so they never collide with the run's reports.)
     """
     tasks, refused, seen = [], [], {}
     inside_output = _inside_of(output_uri)
     listing = list_inputs(input_uri, output_uri, cfg)
+    video = video or VideoOptions()
     for source, key, detected in sorted(listing.inputs, key=lambda p: p[1]):
-        out_key = output_key(key, fmt, detected)
+        container = video_container(key, detected)
+        out_key = output_key(key, fmt, detected) if container is None else video_output_key(key, container, video)
         try:
             dest = storage.join(output_uri, out_key)
         except StorageError as exc:
@@ -372,3 +404,24 @@ def remove_stale_temp_files(output_uri: str) -> int:
                 except OSError as exc:
                     logger.warning("cannot remove the stale temporary file %s: %s", os.path.join(folder, name), exc)
     return removed
+
+
+def check_destination(dest: str, output_uri: str) -> None:
+    """Refuse a local destination that a symbolic link would carry outside the output folder."""
+    if storage.is_s3(dest):
+        return
+    if not is_within(os.path.realpath(os.path.dirname(dest) or "."), os.path.realpath(output_uri)):
+        raise StorageError(f"refusing to write {dest}: it resolves outside the output folder {output_uri}")
+
+
+def reason_of(exc: BaseException, source: str) -> str:
+    """A failure's text, naming the input: our errors already name it; others get it put in front."""
+    text = str(exc) if isinstance(exc, EdsrRayError) else f"{type(exc).__name__}: {exc}"
+    return text if source in text else f"{source}: {text}"
+
+
+def storage_cfg(storage_config: Mapping[str, Any] | StorageConfig | None) -> StorageConfig | None:
+    """Storage settings as they cross the Ray boundary (plain data) rebuilt; None stays None."""
+    if storage_config is None or isinstance(storage_config, StorageConfig):
+        return storage_config
+    return from_dict(StorageConfig, storage_config, source="storage settings")

@@ -11,8 +11,12 @@
 4. writes ``_manifest.parquet`` and ``_summary.json`` next to the outputs and returns a
    :class:`~edsr_ray.batch.reports.Summary` (the summary line and the exit status).
 
-Progress: a bar with images/s on a terminal, otherwise a log line every :data:`PROGRESS_EVERY_S` seconds (what
-``ray job logs`` shows).
+Videos go through the same stages and the same model actors, as segments decoded in parallel and parts of a few
+frames each (:mod:`edsr_ray.batch.video`); the driver joins each video once its parts are written, in a Ray task (or
+in this process with ``local``) while the pipeline goes on.
+
+Progress: a bar with images/s (and frames/s when there are videos) on a terminal, otherwise a log line every
+:data:`PROGRESS_EVERY_S` seconds (what ``ray job logs`` shows).
 
 Why the pipeline is shaped this way (``benchmarks/bench_upscale.py``; figures in ``benchmarks/RESULTS.md``): per
 image, codecs can cost more than a GPU's forward pass, so they run as separate CPU tasks on every spare core while the
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import math
 import os
@@ -40,7 +45,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from edsr_ray import storage
-from edsr_ray.batch.inputs import Task, absolute, existing_outputs, plan_tasks, remove_stale_temp_files
+from edsr_ray.batch.inputs import (
+    Task,
+    absolute,
+    existing_outputs,
+    plan_tasks,
+    remove_stale_temp_files,
+    video_container,
+)
 from edsr_ray.batch.reports import (
     IGNORED_EXAMPLES,
     LOGGED_FAILURES,
@@ -54,15 +66,19 @@ from edsr_ray.batch.stages import (
     CodecOptions,
     UpscaleBatch,
     decode_batch,
+    decode_segments,
     manifest_table,
     tasks_table,
     write_batch,
 )
+from edsr_ray.batch.video import VideoJoins, join_video, manifest_row
 from edsr_ray.config import InferenceConfig, to_dict
 from edsr_ray.errors import ConfigError, EdsrRayError, Interrupted, StorageError
 from edsr_ray.infra.ray import ensure_ray
 from edsr_ray.outsize import OutputSize
 from edsr_ray.storage import StorageConfig
+from edsr_ray.video import VideoOptions
+from edsr_ray.video import to_dict as video_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +90,13 @@ CPU_BATCH = 4
 CODEC_BATCH = 8
 # Task rows per input block: small runs get one row a block (every core busy), huge ones fewer, larger blocks.
 MAX_ROWS_PER_BLOCK = 64
+# Rows per model call in runs with videos: a video part row holds up to VideoOptions.part_bytes of frames, so an
+# actor holds few of them at once (the frames inside still form full batches for the model).
+VIDEO_ROW_BATCH = 2
+# Memory a video-decoding task reserves: it holds a part or two of decoded frames and a decoder. (It must differ from
+# the first stage's request too: Ray Data fuses stages with equal requests, and a fused task would decode all
+# segments of a video one after the other.)
+DECODE_MEMORY = 1 << 30
 # Keep freed memory in CPU workers instead of unmapping every large block: each activation of a CPU forward is a new
 # mmap whose pages the kernel must zero, a large part of a plain forward's time (benchmarks/RESULTS.md). One arena:
 # Ray Data calls the model in a worker thread, whose own malloc arena ignores these settings for large blocks; without
@@ -150,7 +173,9 @@ def model_workers(resources: Mapping[str, float], compute: ComputeOptions) -> Mo
 
 
 class Progress:
-    """Images done out of ``total``: a tqdm bar with img/s on a terminal, else a log line every ``every_s`` seconds.
+    """Inputs done out of ``total``: a tqdm bar with img/s on a terminal, else a log line every ``every_s`` seconds;
+    with videos, their frames too (done out of a total that grows as videos are inspected, frames/s and the time
+    left at that rate).
 
     Failures are logged as they arrive (the first :data:`LOGGED_FAILURES`; all are in the manifest).
     """
@@ -158,6 +183,7 @@ class Progress:
     def __init__(self, total: int, *, bar: bool | None = None, every_s: float = PROGRESS_EVERY_S):
         self.total, self.every_s = total, every_s
         self.done = self.failed = 0
+        self.frames_done = self.frames_total = 0
         self.start = self.last = time.perf_counter()
         if bar is None:
             bar = sys.stderr.isatty()
@@ -176,10 +202,19 @@ class Progress:
             elif self.failed == LOGGED_FAILURES + 1:
                 logger.warning("more inputs failed; further failures are only recorded in %s", MANIFEST_NAME)
         self.done += rows.num_rows
+        self._show(rows.num_rows)
+
+    def frames(self, done: int, total: int) -> None:
+        """Video frames upscaled so far, out of those of the videos inspected so far."""
+        self.frames_done, self.frames_total = done, total
+        self._show(0)
+
+    def _show(self, files: int) -> None:
         now = time.perf_counter()
         if self.bar is not None:
-            self.bar.update(rows.num_rows)
-            self.bar.set_postfix(failed=self.failed, refresh=False)
+            self.bar.update(files)
+            extra = {"frames": f"{self.frames_done}/{self.frames_total}"} if self.frames_total else {}
+            self.bar.set_postfix(failed=self.failed, **extra, refresh=False)
         elif now - self.last >= self.every_s:
             self.last = now
             logger.info("progress: %s", self.text(now))
@@ -190,7 +225,13 @@ class Progress:
         left = (self.total - self.done) / rate if rate > 0 else math.inf
         eta = "unknown" if math.isinf(left) else str(datetime.timedelta(seconds=round(left)))
         share = 100.0 * self.done / self.total if self.total else 100.0
-        return f"{self.done}/{self.total} images ({share:.1f}%), {rate:.2f} img/s, {self.failed} failed, {eta} left"
+        text = f"{self.done}/{self.total} inputs ({share:.1f}%), {rate:.2f} inputs/s, {self.failed} failed, {eta} left"
+        if self.frames_total:
+            fps = self.frames_done / elapsed if elapsed > 0 else 0.0
+            left = (self.frames_total - self.frames_done) / fps if fps > 0 else math.inf
+            eta = "unknown" if math.isinf(left) else str(datetime.timedelta(seconds=round(left)))
+            text += f"; video frames {self.frames_done}/{self.frames_total}, {fps:.2f} frames/s, {eta} left"
+        return text
 
     def close(self) -> None:
         if self.bar is not None:
@@ -212,27 +253,39 @@ class _Work:
     options: dict[str, Any]
     output_uri: str
     storage_config: dict[str, Any] | None
+    video: dict[str, Any] = field(default_factory=dict)
+    model_identity: str = ""
+    has_videos: bool = False
+
+    def decode_kwargs(self) -> dict[str, Any]:
+        return {
+            "max_pixels": int(self.options["max_pixels"]),
+            "storage_config": self.storage_config,
+            "scale": self.scale,
+            "fmt": self.options["fmt"],
+            "size": self.size,
+            "scales": self.scales,
+            "video": self.video,
+            "model_identity": self.model_identity,
+        }
 
 
 def _local_stream(tasks: list[Task], stage: UpscaleBatch, work: _Work, compute: ComputeOptions) -> Iterator[pa.Table]:
-    """The three stages in this process, batch by batch."""
-    size = compute.batch_size or (CPU_BATCH if stage.upscaler.device.type == "cpu" else GPU_BATCH)
-    max_pixels = int(work.options["max_pixels"])
+    """The stages in this process, batch by batch (a video part by part)."""
+    size = _local_batch(stage, compute)
     for start in range(0, len(tasks), size):
-        decoded = decode_batch(
-            tasks_table(tasks[start : start + size]),
-            max_pixels=max_pixels,
-            storage_config=work.storage_config,
-            scale=work.scale,
-            fmt=work.options["fmt"],
-            size=work.size,
-            scales=work.scales,
-        )
-        upscaled = stage(decoded)
-        del decoded  # the inputs' pixels are no longer needed
-        yield write_batch(
-            upscaled, output_uri=work.output_uri, options=work.options, storage_config=work.storage_config
-        )
+        decoded = decode_batch(tasks_table(tasks[start : start + size]), **work.decode_kwargs())
+        for rows in decode_segments(decoded, video=work.video, storage_config=work.storage_config):
+            upscaled = stage(rows)
+            del rows  # the inputs' pixels are no longer needed
+            yield write_batch(
+                upscaled, output_uri=work.output_uri, options=work.options, storage_config=work.storage_config
+            )
+
+
+def _local_batch(stage: UpscaleBatch, compute: ComputeOptions) -> int:
+    """Images (and video frames) per model call in an in-process run."""
+    return compute.batch_size or (CPU_BATCH if stage.upscaler.device.type == "cpu" else GPU_BATCH)
 
 
 @contextlib.contextmanager
@@ -274,24 +327,26 @@ def _ray_stream(tasks: list[Task], model: Any, work: _Work, compute: ComputeOpti
     codec = {"num_cpus": plan.codec_cpus, "batch_format": "pyarrow", "batch_size": CODEC_BATCH}
     with _data_context():
         ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(
-            decode_batch,
-            fn_kwargs={
-                "max_pixels": int(work.options["max_pixels"]),
-                "storage_config": work.storage_config,
-                "scale": work.scale,
-                "fmt": work.options["fmt"],
-                "size": work.size,
-                "scales": work.scales,
-            },
-            **codec,
-        )
+        # Without videos by name there is no segment stage: a video named like an image fails with the reason.
+        decode_kwargs = {**work.decode_kwargs(), "video": work.video if work.has_videos else None}
+        ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, **codec)
+        if work.has_videos:
+            # One row a block: the segments of one video, emitted together, would otherwise be decoded by one task.
+            ds = ds.repartition(target_num_rows_per_block=1)
+            ds = ds.map_batches(
+                decode_segments,
+                fn_kwargs={"video": work.video, "storage_config": work.storage_config},
+                num_cpus=plan.codec_cpus,
+                memory=DECODE_MEMORY,
+                batch_format="pyarrow",
+                batch_size=1,
+            )
         ds = ds.map_batches(
             UpscaleBatch,
             fn_constructor_args=([checkpoint], work.scale, work.inference),
-            fn_constructor_kwargs={"device": plan.device, "threads": plan.threads},
+            fn_constructor_kwargs={"device": plan.device, "threads": plan.threads, "frame_batch": plan.batch_size},
             batch_format="pyarrow",
-            batch_size=plan.batch_size,
+            batch_size=VIDEO_ROW_BATCH if work.has_videos else plan.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
             **plan.remote_args,
         )
@@ -316,6 +371,7 @@ def run_upscale(
     size: OutputSize | None = None,
     inference: InferenceConfig | None = None,
     options: CodecOptions | None = None,
+    video: VideoOptions | None = None,
     compute: ComputeOptions | None = None,
     allow_failures: int = 0,
     progress: bool | None = None,
@@ -327,7 +383,8 @@ def run_upscale(
     Errors that make the whole run impossible (model missing or not EDSR/MDSR, scale not served by the model, input
     location missing, bad options) are raised before any image is touched. Per-image problems end up in the manifest.
     A pipeline that stops part-way (cluster or storage failure) still writes the manifest of what was done and
-    raises :class:`UpscaleInterrupted`. ``progress``: the bar on (True) or off (False); None: on a terminal only.
+    raises :class:`UpscaleInterrupted`. ``video``: how videos are written and their limits (default
+    :class:`~edsr_ray.video.VideoOptions`). ``progress``: the bar on (True) or off (False); None: on a terminal only.
     ``on_rows`` is called with each batch of manifest rows as their outputs are written (monitoring, benchmarks).
 
     ``size`` (``--outscale``/``--width``/``--height``) asks for a final size instead of the model's factor: each image
@@ -340,6 +397,7 @@ def run_upscale(
     started = time.perf_counter()
     inference = inference or InferenceConfig()
     options = options or CodecOptions()
+    video = video or VideoOptions()
     compute = compute or ComputeOptions()
     if allow_failures < 0:
         raise ConfigError(f"allow_failures must be >= 0, got {allow_failures}")
@@ -362,7 +420,7 @@ def run_upscale(
     removed = remove_stale_temp_files(output_uri)
     if removed:
         logger.info("removed %d temporary file(s) left in %s by an interrupted run", removed, output_uri)
-    tasks, refused, ignored = plan_tasks(input_uri, output_uri, options.fmt, cfg)
+    tasks, refused, ignored = plan_tasks(input_uri, output_uri, options.fmt, cfg, video)
     existing = existing_outputs(output_uri, cfg)
     pending = [t for t in tasks if t.dest not in existing]
     rows = [{"input": t.source, "output": t.dest, "status": "failed", "reason": why} for t, why in refused]
@@ -388,6 +446,13 @@ def run_upscale(
             "ignored %d file(s) that are not inputs (counted in %s): %s%s", len(ignored), SUMMARY_NAME, examples, more
         )
 
+    has_videos = any(video_container(t.source) or video_container(t.dest) for t in pending)
+    if size.asked and has_videos:
+        example = next(t.source for t in pending if video_container(t.source) or video_container(t.dest))
+        raise ConfigError(
+            f"output sizes (--outscale, --width, --height) apply to images only, and the inputs hold videos (e.g. "
+            f"{example}): upscale the videos in a run without a size option (they are written at the model's factor)"
+        )
     work = _Work(
         scale or scales[-1],
         scales,
@@ -396,6 +461,10 @@ def run_upscale(
         to_dict(options),
         output_uri,
         None if cfg is None else to_dict(cfg),
+        video_to_dict(video),
+        # Only videos need it (their parts' fingerprint); in-process runs also find videos named like images.
+        f"{_model_identity(model)}:{scale}:{sorted(to_dict(inference).items())}" if has_videos or compute.local else "",
+        has_videos,
     )
     parts = [manifest_table(rows)]
     interrupted = None
@@ -403,6 +472,7 @@ def run_upscale(
         if compute.local:
             # Built here, so that a device or setting this machine cannot honour fails before any image is read.
             stage = UpscaleBatch(model, work.scale, inference, device="cpu" if compute.gpus == 0 else None)
+            stage.frame_batch = _local_batch(stage, compute)
             stream = _local_stream(pending, stage, work, compute)
         else:
             ensure_ray()  # before the clock starts: img/s measures the pipeline, not a cluster's start
@@ -410,12 +480,19 @@ def run_upscale(
     processing = time.perf_counter()
     if pending:
         bar = Progress(len(pending), bar=progress)
+        joins = _Joins(work, local=compute.local)
+
+        def report(table: pa.Table) -> None:
+            parts.append(table)
+            bar.update(table)
+            if on_rows is not None:
+                on_rows(table)
+
         try:
             for part in stream:
-                parts.append(part)
-                bar.update(part)
-                if on_rows is not None:
-                    on_rows(part)
+                for table in joins.take(part):
+                    report(table)
+                bar.frames(joins.videos.frames_done, joins.videos.frames_total)
         except (EdsrRayError, OSError) as exc:
             interrupted = str(exc)
         except Exception as exc:  # Ray's own failures (a worker lost beyond its retries, ...)
@@ -423,6 +500,10 @@ def run_upscale(
                 raise
             interrupted = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         finally:
+            # Videos whose parts were all written are joined even when the pipeline stopped.
+            with contextlib.suppress(Exception):
+                for table in joins.close():
+                    report(table)
             bar.close()
     seconds = time.perf_counter() - processing
 
@@ -452,6 +533,94 @@ def run_upscale(
             summary,
         )
     return summary
+
+
+class _Joins:
+    """The driver's side of videos: the write stage's rows in, manifest rows out. Image rows pass; a video is joined
+    (a Ray task, or in this process with ``local``) once all its parts are written, while the pipeline goes on."""
+
+    def __init__(self, work: _Work, *, local: bool):
+        self.work, self.local = work, local
+        self.videos = VideoJoins()
+        self.running: list[Any] = []  # local: manifest rows; Ray: the join tasks' references
+        self.requests: dict[Any, dict[str, Any]] = {}
+        self.remote = None
+
+    def take(self, rows: pa.Table) -> Iterator[pa.Table]:
+        kinds = rows.column("kind").to_pylist()
+        images = [i for i, kind in enumerate(kinds) if kind == "image"]
+        if len(images) == rows.num_rows:
+            yield rows
+            return
+        if images:
+            yield rows.take(images)
+        failed = []
+        for i, kind in enumerate(kinds):
+            if kind != "image":
+                row = self.videos.add(rows.slice(i, 1).to_pylist()[0])
+                if row is not None:
+                    failed.append(row)
+        if failed:
+            yield manifest_table(failed)
+        for request in self.videos.ready():
+            self._submit(request)
+        yield from self._collect(wait=False)
+
+    def _submit(self, request: dict[str, Any]) -> None:
+        args = (request, self.work.output_uri, self.work.storage_config)
+        if self.local:
+            self.running.append(join_video(*args))
+            return
+        import ray
+
+        if self.remote is None:
+            self.remote = ray.remote(num_cpus=1, max_retries=1)(join_video)
+        ref = self.remote.remote(*args)
+        self.requests[ref] = request
+        self.running.append(ref)
+
+    def _collect(self, *, wait: bool) -> Iterator[pa.Table]:
+        if self.local:
+            done, self.running = self.running, []
+        else:
+            import ray
+
+            refs, self.running = self.running, []
+            ready: list[Any] = []
+            if refs:
+                ready, self.running = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+            done = [self._result(ref) for ref in ready]
+        if done:
+            yield manifest_table(done)
+
+    def _result(self, ref: Any) -> dict[str, Any]:
+        import ray
+
+        request = self.requests.pop(ref)
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as exc:  # the join task's worker was lost beyond its retry
+            row = request["row"]
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return manifest_row({**row, "reason": f"{row['input']}: joining its parts failed: {first}"}, request["job"])
+
+    def close(self) -> Iterator[pa.Table]:
+        yield from self._collect(wait=True)
+        rows = self.videos.finish()
+        if rows:
+            yield manifest_table(rows)
+
+
+def _model_identity(model: Any) -> str:
+    """A digest of the model's weights: part of a video's parts fingerprint, so a re-run with other weights never
+    joins parts of the old ones."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def _redact(uri: str) -> str:

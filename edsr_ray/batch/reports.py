@@ -52,10 +52,45 @@ class Summary:
         """Outputs written by this run (each successful image is written exactly once)."""
         return self.count("ok")
 
+    def _ok(self, kind: str) -> pa.Table:
+        ok = pc.and_(pc.equal(self.manifest.column("status"), "ok"), pc.equal(self.manifest.column("kind"), kind))
+        return self.manifest.filter(ok)
+
+    @property
+    def videos(self) -> int:
+        """Videos upscaled and written by this run."""
+        return self._ok("video").num_rows
+
+    @property
+    def frames(self) -> int:
+        """Frames of the videos upscaled by this run."""
+        return int(pc.sum(self._ok("video").column("frames")).as_py() or 0)
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def video_document(self) -> dict[str, Any]:
+        """The videos' part of ``_summary.json``: counts, frames, frames/s, seconds of video, codecs in and out."""
+        ok = self._ok("video")
+        codecs: dict[str, dict[str, int]] = {"in": {}, "out": {}}
+        for side in ("in", "out"):
+            for name in ok.column(f"codec_{side}").to_pylist():
+                codecs[side][name] = codecs[side].get(name, 0) + 1
+        return {
+            "written": ok.num_rows,
+            "frames": self.frames,
+            "frames_per_s": round(self.frames_per_s, 4),
+            "video_seconds": round(float(pc.sum(ok.column("duration_s")).as_py() or 0.0), 3),
+            "codecs": codecs,
+            "parts_reused": int(pc.sum(ok.column("parts_reused")).as_py() or 0),
+            "concealed_frames": int(pc.sum(ok.column("concealed_frames")).as_py() or 0),
+        }
+
     @property
     def megapixels(self) -> float:
         """Input megapixels of the images upscaled by this run."""
-        ok = self.manifest.filter(pc.equal(self.manifest.column("status"), "ok"))
+        ok = self._ok("image")
         if ok.num_rows == 0:
             return 0.0
         pixels = pc.multiply(ok.column("width").cast(pa.int64()), ok.column("height").cast(pa.int64()))
@@ -70,9 +105,15 @@ class Summary:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        done = f"{self.written} images ({self.megapixels:.2f} input megapixels)"
+        if self.videos:
+            done = (
+                f"{self.written} inputs ({self.written - self.videos} images, {self.megapixels:.2f} input megapixels; "
+                f"{self.videos} videos, {self.frames} frames, {self.frames_per_s:.2f} frames/s)"
+            )
         text = (
-            f"upscaled {self.written} images ({self.megapixels:.2f} input megapixels) in {self.seconds:.1f} s, "
-            f"{self.images_per_s:.2f} img/s; skipped {self.count('skipped')} existing; {self.count('failed')} failed"
+            f"upscaled {done} in {self.seconds:.1f} s, {self.images_per_s:.2f} img/s; skipped "
+            f"{self.count('skipped')} existing; {self.count('failed')} failed"
         )
         return text + (f"; INTERRUPTED: {self.interrupted}" if self.interrupted else "")
 
@@ -91,6 +132,7 @@ class Summary:
             "failed": self.count("failed"),
             "written": self.written,
             "input_megapixels": round(self.megapixels, 6),
+            "videos": self.video_document(),
             "output_bytes": self.output_bytes,
             "seconds": round(self.seconds, 3),
             "total_seconds": round(self.total_seconds, 3),

@@ -7,6 +7,11 @@
    ``_manifest.parquet``) out: each image resized to the size asked for (``--outscale``/``--width``/``--height``,
    :mod:`edsr_ray.outsize`), encoded in its output's format and written atomically.
 
+Videos take the same stages as rows of other kinds (``kind`` says which; :mod:`edsr_ray.batch.video`): the first
+stage turns a video into a ``video`` row and ``segment`` rows, :func:`decode_segments` (a stage of its own, only in
+runs with videos) turns segments into ``part`` rows of a few frames each, the model stage upscales a part's frames
+like images, and the write stage encodes each part; the driver joins a video's parts once all are written.
+
 The stages are functions over Arrow tables, so :mod:`edsr_ray.batch.job` runs them as one streaming Ray Data pipeline
 and a ``--local`` run calls the very same functions in-process: one code path either way. A new kind of input (say,
 video frames) is a new first stage producing the same image rows. Rows carry their failure reason (``reason``
@@ -23,9 +28,8 @@ PUT, or a completed multipart upload), so no partial output is ever visible.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,19 +38,34 @@ import numpy as np
 import pyarrow as pa
 
 from edsr_ray import storage
-from edsr_ray.batch.inputs import ITEM_ERRORS, Task, is_within, written_format
+from edsr_ray.batch import video as videos
+from edsr_ray.batch.inputs import (
+    ITEM_ERRORS,
+    Task,
+    check_destination,
+    reason_of,
+    storage_cfg,
+    video_container,
+    written_format,
+)
 from edsr_ray.codecs import (
+    FORMAT_EXTENSIONS,
     MAX_PIXELS_DEFAULT,
     OUTPUT_FORMATS,
     SAME_FORMAT,
+    SNIFF_BYTES,
     DecodedImage,
     decode_image,
     encode_image,
+    output_format,
+    sniff,
 )
 from edsr_ray.config import InferenceConfig, from_dict
-from edsr_ray.errors import ConfigError, EdsrRayError, StorageError
+from edsr_ray.errors import ConfigError, EdsrRayError, ImageError
 from edsr_ray.outsize import OutputSize, plan_output, resize_decoded
 from edsr_ray.storage import StorageConfig
+from edsr_ray.video import HEAD_BYTES, VideoOptions, sniff_container
+from edsr_ray.video import from_dict as video_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +104,13 @@ IMAGE_SCHEMA = pa.schema(
         ("scale", pa.int8()),
         ("final_width", pa.int32()),
         ("final_height", pa.int32()),
+        # Video rows: frames (a part's frames are stacked in ``pixels``), their pts, concealed frames, and the
+        # video's work (JSON: what it is, how it is encoded, where its parts go).
+        ("frames", pa.int32()),
+        ("pts", pa.list_(pa.int64())),
+        ("concealed", pa.int32()),
+        ("job", pa.string()),
+        ("kind", pa.string()),  # image | video | segment | part (edsr_ray.batch.video)
     ]
 )
 # One row per input in ``_manifest.parquet``. ``bytes`` is the output's size; ``seconds`` the time spent on the image
@@ -100,7 +126,24 @@ MANIFEST_SCHEMA = pa.schema(
         ("bytes", pa.int64()),
         ("input_bytes", pa.int64()),
         ("seconds", pa.float64()),
+        ("kind", pa.string()),  # image | video; the columns below are the videos' (null for images)
+        ("frames", pa.int32()),
+        ("duration_s", pa.float64()),
+        ("fps", pa.float64()),
+        ("codec_in", pa.string()),
+        ("codec_out", pa.string()),
+        ("container_out", pa.string()),
+        ("pix_fmt_out", pa.string()),
+        ("segments", pa.int32()),
+        ("parts", pa.int32()),
+        ("parts_reused", pa.int32()),  # encoded by an earlier, interrupted run
+        ("concealed_frames", pa.int32()),
+        ("notes", pa.list_(pa.string())),  # what of the input the output does not keep as it was, and why
     ]
+)
+# What the write stage hands the driver: manifest rows, plus what it needs of video and part rows to join videos.
+RESULT_SCHEMA = pa.schema(
+    [*MANIFEST_SCHEMA, ("pts", pa.list_(pa.int64())), ("concealed", pa.int32()), ("job", pa.string())]
 )
 
 
@@ -136,30 +179,21 @@ class CodecOptions:
 # Inputs and names
 
 
-def check_destination(dest: str, output_uri: str) -> None:
-    """Refuse a local destination that a symbolic link would carry outside the output folder."""
-    if storage.is_s3(dest):
-        return
-    if not is_within(os.path.realpath(os.path.dirname(dest) or "."), os.path.realpath(output_uri)):
-        raise StorageError(f"refusing to write {dest}: it resolves outside the output folder {output_uri}")
-
-
 def tasks_table(tasks: Iterable[Task]) -> pa.Table:
     """The pipeline's input rows."""
     tasks = list(tasks)
     return pa.table({"input": [t.source for t in tasks], "output": [t.dest for t in tasks]}, schema=TASK_SCHEMA)
 
 
-def manifest_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Manifest rows (missing fields null) as a table with :data:`MANIFEST_SCHEMA`."""
-    columns = {name: [r.get(name) for r in rows] for name in MANIFEST_SCHEMA.names}
-    return pa.table(columns, schema=MANIFEST_SCHEMA)
+def manifest_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
+    """Manifest rows (missing fields null; ``kind`` from the input's name when missing) as a table with ``schema``."""
+    columns = {name: [r.get(name) for r in rows] for name in schema.names}
+    columns["kind"] = [r.get("kind") or _kind_of_name(str(r.get("input") or "")) for r in rows]
+    return pa.table(columns, schema=schema)
 
 
-def reason_of(exc: BaseException, source: str) -> str:
-    """A failure's text, naming the input: our errors already name it; others get it put in front."""
-    text = str(exc) if isinstance(exc, EdsrRayError) else f"{type(exc).__name__}: {exc}"
-    return text if source in text else f"{source}: {text}"
+def _kind_of_name(source: str) -> str:
+    return "video" if video_container(source) else "image"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -212,16 +246,11 @@ def _rows(table: pa.Table) -> tuple[list[dict[str, Any]], list[Any]]:
 
 def _image_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
     columns = {name: [r.get(name) for r in records] for name in IMAGE_SCHEMA.names}
+    columns["kind"] = [r.get("kind") or "image" for r in records]
     columns["pixels"] = [r.get("pixels") or b"" for r in records]
     columns["reason"] = [r.get("reason") or "" for r in records]
     columns["seconds"] = [float(r.get("seconds") or 0.0) for r in records]
     return pa.table(columns, schema=IMAGE_SCHEMA)
-
-
-def _storage_cfg(storage_config: Mapping[str, Any] | StorageConfig | None) -> StorageConfig | None:
-    if storage_config is None or isinstance(storage_config, StorageConfig):
-        return storage_config
-    return from_dict(StorageConfig, storage_config, source="storage settings")
 
 
 def _codec_options(options: Mapping[str, Any] | CodecOptions) -> CodecOptions:
@@ -232,12 +261,24 @@ def _codec_options(options: Mapping[str, Any] | CodecOptions) -> CodecOptions:
 # Stage 1: read + decode (CPU tasks)
 
 
-def _timed_read(source: str, cfg: StorageConfig | None) -> tuple[bytes | BaseException, float]:
+def _timed_read(source: str, cfg: StorageConfig | None) -> tuple[bytes | BaseException | None, float]:
+    """(The input's bytes, or its error, or None for a video, which is not read whole; seconds taken)."""
     start = time.perf_counter()
     try:
+        if video_container(source):
+            # A video is read in pieces where it is needed; its first bytes say whether it is one.
+            head = storage.read_head(source, SNIFF_BYTES, cfg)[0]
+            if sniff(head).kind != "image":
+                return None, time.perf_counter() - start
         return storage.read_bytes(source, cfg), time.perf_counter() - start
     except ITEM_ERRORS as exc:
         return exc, time.perf_counter() - start
+
+
+def _video_options(video: Mapping[str, Any] | VideoOptions | None) -> VideoOptions | None:
+    if video is None or isinstance(video, VideoOptions):
+        return video
+    return video_from_dict(VideoOptions, dict(video))
 
 
 def decode_batch(
@@ -249,15 +290,22 @@ def decode_batch(
     fmt: str = SAME_FORMAT,
     size: Mapping[str, Any] | None = None,
     scales: Sequence[int] | None = None,
+    video: Mapping[str, Any] | VideoOptions | None = None,
+    model_identity: str = "",
 ) -> pa.Table:
     """Task rows → image rows: every input read (several at once) and decoded; failures keep their reason.
 
     With ``scale`` (the model's, or ``scales``: those to choose from when a ``size`` is asked for, the fields of an
     :class:`~edsr_ray.outsize.OutputSize`), each row gets its model scale and final size, and an input whose output
     is past the output pixel limit or more than its output format (``fmt``, one of :data:`FORMAT_CHOICES`) can store
-    fails here, before the model stage spends any time on it.
+    fails here, before the model stage spends any time on it. What an input is comes from its content: with
+    ``video`` (:class:`~edsr_ray.video.VideoOptions`, in a run with videos) a video becomes a ``video`` row and its
+    ``segment`` rows (:func:`edsr_ray.batch.video.inspect_video`; ``model_identity`` is part of its parts'
+    fingerprint); without, it fails with the reason; an image named like a video is upscaled as an image. Output
+    sizes are for images: a video in a run that asks for one fails with the reason.
     """
-    cfg = _storage_cfg(storage_config)
+    cfg = storage_cfg(storage_config)
+    video_options = _video_options(video)
     sizing = from_dict(OutputSize, size, source="output size")
     available = tuple(scales or ()) or ((scale,) if scale is not None else ())
     sources, dests = tasks.column("input").to_pylist(), tasks.column("output").to_pylist()
@@ -270,6 +318,26 @@ def decode_batch(
         try:
             if isinstance(data, BaseException):
                 raise data
+            container = None if data is None else sniff_container(data[:HEAD_BYTES])
+            if data is None or container is not None:
+                if video_options is None or scale is None:
+                    what = container.description if container is not None else "a video"
+                    raise ImageError(
+                        f"{source}: it is {what} named like an image, in a run planned for images only; give it a "
+                        "video extension (.mp4, .mkv, ...) to upscale it as a video"
+                    )
+                if sizing.asked:
+                    raise ImageError(
+                        f"{source}: it is a video; output sizes (--outscale, --width, --height) apply to images only: "
+                        "upscale videos in a run without them (they are written at the model's factor)"
+                    )
+                records += videos.inspect_video(
+                    source, dest, scale=scale, options=video_options, model_identity=model_identity, cfg=cfg
+                )
+                continue
+            if video_container(dest):  # an image named like a video: written as an image
+                extension = FORMAT_EXTENSIONS[output_format(fmt, sniff(data).format)]
+                dest = row["output"] = dest.rsplit(".", 1)[0] + extension
             row["input_bytes"] = len(data)
             img = decode_image(data, name=source, max_pixels=max_pixels)
             row.update(width=img.width, height=img.height)
@@ -285,6 +353,27 @@ def decode_batch(
         row["seconds"] = seconds + time.perf_counter() - start
         records.append(row)
     return _image_table(records)
+
+
+def decode_segments(
+    rows: pa.Table,
+    *,
+    video: Mapping[str, Any] | VideoOptions,
+    storage_config: Mapping[str, Any] | None = None,
+) -> Iterator[pa.Table]:
+    """Segment rows → part rows, one table per part as it is decoded (a generator: memory holds one part of a
+    segment at a time); rows of other kinds pass through unchanged, first."""
+    cfg = storage_cfg(storage_config)
+    options = _video_options(video)
+    kinds = rows.column("kind").to_pylist()
+    others = [i for i, kind in enumerate(kinds) if kind != "segment"]
+    if others:
+        yield rows.take(others)
+    for i, kind in enumerate(kinds):
+        if kind == "segment":
+            record = rows.slice(i, 1).drop_columns(["pixels"]).to_pylist()[0]
+            for part in videos.decode_segment_rows(record, options, cfg):
+                yield _image_table([part])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -306,6 +395,7 @@ class UpscaleBatch:
         inference: :class:`~edsr_ray.config.InferenceConfig` fields (tile, self_ensemble, precision).
         device: ``"cpu"``, ``"cuda"``, or None (CUDA when available).
         threads: torch threads for CPU inference (None leaves torch's default).
+        frame_batch: frames of a video part per model call (the images' batch size of the run).
     """
 
     def __init__(
@@ -316,6 +406,7 @@ class UpscaleBatch:
         *,
         device: str | None = None,
         threads: int | None = None,
+        frame_batch: int = 4,
     ):
         import torch
 
@@ -332,7 +423,7 @@ class UpscaleBatch:
             torch.set_num_threads(max(1, int(threads)))
         if not isinstance(inference, InferenceConfig):
             inference = from_dict(InferenceConfig, inference, source="inference settings")
-        self.scale = int(scale)
+        self.scale, self.frame_batch = int(scale), max(1, int(frame_batch))
         self.upscaler = Upscaler.from_config(model, inference, device=device)
         self.errors = (*ITEM_ERRORS, *OUT_OF_MEMORY_ERRORS)
         logger.info("upscaling with %r", self.upscaler)
@@ -344,18 +435,29 @@ class UpscaleBatch:
         for i, row in enumerate(records):
             if row["reason"]:
                 continue
-            if row["bit_depth"] == 8 and not row["grey"] and not row["has_alpha"]:
+            if (
+                (row.get("kind") or "image") == "image"
+                and row["bit_depth"] == 8
+                and not row["grey"]
+                and not row["has_alpha"]
+            ):
                 groups.setdefault((row["pixel_height"], row["pixel_width"], self._scale(row)), []).append(i)
             else:
                 singles.append(i)
         outputs: dict[int, DecodedImage] = {}
+        frames: dict[int, bytes] = {}
+        for i in list(singles):
+            if (records[i].get("kind") or "image") != "image":
+                singles.remove(i)
+                if records[i].get("kind") == "part":
+                    self._part(i, records, buffers, frames)
         for members in groups.values():
             if not self._group(members, records, buffers, outputs):
                 singles.extend(members)  # retried one by one below
         for i in sorted(singles):
             self._one(i, records, buffers, outputs)
         for i, row in enumerate(records):
-            row["pixels"] = None
+            row["pixels"] = frames.get(i)
             if i in outputs:
                 row.update(pack_image(outputs[i]))
         return _image_table(records)
@@ -363,6 +465,21 @@ class UpscaleBatch:
     def _scale(self, row: Mapping[str, Any]) -> int:
         """The row's own model scale (chosen by the decode stage for its output size), else the stage's."""
         return int(row.get("scale") or self.scale)
+
+    def _part(self, i: int, records: list[dict], buffers: list, out: dict) -> None:
+        """A video part: its frames through the images' inference path, ``frame_batch`` at a time."""
+        start = time.perf_counter()
+        row = records[i]
+        try:
+            upscaled = videos.upscale_frames(
+                self.upscaler, videos.part_frames(row, buffers[i]), self.scale, self.frame_batch
+            )  # (K, H*s, W*s, 3)
+            out[i] = videos.frame_bytes(upscaled)
+            row.update(pixel_width=upscaled.shape[2], pixel_height=upscaled.shape[1])
+        except self.errors as exc:
+            row["reason"] = reason_of(exc, row["input"])
+            _free_cuda_cache()
+        row["seconds"] += time.perf_counter() - start
 
     def _group(self, members: list[int], records: list[dict], buffers: list, outputs: dict) -> bool:
         start = time.perf_counter()
@@ -435,18 +552,32 @@ def write_batch(
     options: Mapping[str, Any] | CodecOptions,
     storage_config: Mapping[str, Any] | None = None,
 ) -> pa.Table:
-    """Image rows → manifest rows: each upscaled image resized to its final size, encoded here and written by a few
-    threads (so uploads overlap the next encode); rows that failed earlier, or fail now, become ``failed`` rows with
-    their reason."""
+    """Image rows → manifest rows (:data:`RESULT_SCHEMA`): each upscaled image resized to its final size, encoded here
+    and written by a few threads (so uploads overlap the next encode); rows that failed earlier, or fail now, become
+    ``failed`` rows with their reason. A video part is encoded and written into its video's parts folder (its row tells
+    the driver); a video row passes to the driver."""
     opts = _codec_options(options)
-    cfg = _storage_cfg(storage_config)
+    cfg = storage_cfg(storage_config)
     records, buffers = _rows(images)
     rows: list[dict[str, Any]] = []
     pending: list[tuple[dict[str, Any], Any, float]] = []
     with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, len(records)))) as pool:
         for rec, pixels in zip(records, buffers):
             row = {k: rec.get(k) for k in ("input", "output", "reason", "width", "height", "input_bytes", "seconds")}
+            row["kind"] = kind = rec.get("kind") or "image"
             rows.append(row)
+            if kind != "image":
+                row.update({k: rec.get(k) for k in ("frames", "pts", "concealed", "job")})
+                if kind == "part" and not row["reason"]:
+                    start = time.perf_counter()
+                    try:
+                        check_destination(row["output"], output_uri)
+                        row["bytes"] = videos.write_part(rec, pixels, cfg)[1]
+                    except (*videos.VIDEO_ERRORS, ValueError) as exc:
+                        row["reason"] = reason_of(exc, row["input"])
+                    row["seconds"] = float(row["seconds"] or 0.0) + time.perf_counter() - start
+                row["pts"] = row["pts"] if kind == "video" else None  # the driver needs a video's, not a part's
+                continue
             if row["reason"]:
                 continue
             start = time.perf_counter()
@@ -465,7 +596,7 @@ def write_batch(
                 row["reason"], row["bytes"] = reason_of(error, row["input"]), None
     for row in rows:
         row["status"] = "failed" if row["reason"] else "ok"
-    return manifest_table(rows)
+    return manifest_table(rows, RESULT_SCHEMA)
 
 
 def _timed_write(dest: str, data: bytes, cfg: StorageConfig | None) -> tuple[BaseException | None, float]:

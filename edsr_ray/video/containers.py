@@ -55,6 +55,26 @@ CONTAINERS: dict[str, Container] = {
     )
 }
 
+# File names taken for videos when a folder is searched (case-insensitive), and the container each suggests; what a
+# file is comes from its content (:func:`sniff_container`), the name only finds it and names its output.
+VIDEO_SUFFIXES: dict[str, str] = {
+    ".mp4": "mp4",
+    ".m4v": "mp4",
+    ".mov": "mov",
+    ".3gp": "3gp",
+    ".mkv": "mkv",
+    ".webm": "webm",
+    ".avi": "avi",
+    ".ts": "ts",
+    ".m2ts": "m2ts",
+    ".mts": "m2ts",
+    ".mpg": "mpg",
+    ".mpeg": "mpg",
+    ".flv": "flv",
+    ".ogv": "ogg",
+    ".wmv": "wmv",
+}
+
 # ISO base media brands of still images and image sequences (HEIF, AVIF, Canon raw): an 'ftyp' box alone does not
 # make a video. Audio-only brands (iTunes audio and audio books) are not videos either.
 IMAGE_BRANDS = frozenset(
