@@ -65,6 +65,8 @@ def mlflow_module():
     from edsr_ray.infra.ray import quiet_environment, to_process_logging
 
     quiet_environment()
+    # MLflow's own download/upload progress bars would draw over the project's progress and summary.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     to_process_logging("mlflow")
