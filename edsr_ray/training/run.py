@@ -5,7 +5,11 @@
 runs :func:`~edsr_ray.training.loop.train_loop_per_worker` on every worker, shows the workers' progress here
 (:class:`~edsr_ray.infra.ray.LogRelay`), and registers the final and best models in MLflow; :func:`train` is what
 ``jobs/train.py`` calls. Re-running the same ``run.name`` and ``run.storage_path`` resumes from the latest checkpoint
-(:mod:`edsr_ray.training.checkpoints`); a worker that dies restarts the group from it (``run.max_failures``).
+(:mod:`edsr_ray.training.checkpoints`); a worker that dies restarts the group from it (``run.max_failures``; a node
+drained for preemption counts against ``run.max_preemptions`` instead). With ``workers.num_workers: [min, max]`` the
+group is elastic: Ray Train starts it once ``min`` workers fit, restarts it larger when nodes arrive (looking every
+``workers.resize_check_s``) and smaller when nodes go, each time from the latest checkpoint
+(:mod:`edsr_ray.training.elastic`).
 """
 
 from __future__ import annotations
@@ -117,16 +121,20 @@ def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutco
                 "log_mailbox": mailbox,
             },
             scaling_config=ray.train.ScalingConfig(
+                # A (min, max) tuple makes the group elastic (Ray's form; the config holds it as a tuple already).
                 num_workers=workers.num_workers,
                 use_gpu=workers.use_gpu,
                 resources_per_worker=resources,
                 placement_strategy=workers.placement_strategy,
+                elastic_resize_monitor_interval_s=workers.resize_check_s,
             ),
             run_config=ray.train.RunConfig(
                 name=cfg.run.name,
                 storage_path=storage_path,
                 storage_filesystem=storage_fs,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+                failure_config=ray.train.FailureConfig(
+                    max_failures=cfg.run.max_failures, max_preemption_failures=cfg.run.max_preemptions
+                ),
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=cfg.run.num_to_keep,
                     checkpoint_score_attribute="val_psnr",
