@@ -154,6 +154,9 @@ class WorkersConfig:
     use_gpu: bool = False  # train on GPUs (NCCL); else CPU (gloo)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; Ray Data uses the rest for the patch stream
     placement_strategy: str = "PACK"  # PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (workers on different nodes)
+    # A custom resource each worker needs one unit of, e.g. spot_gpu: train only on the nodes that offer it
+    # (cluster.yaml's gpu_l4_spot type). null: any node with the CPUs (and GPU) it needs.
+    node_resource: str | None = None
     # With a [min, max] range: seconds between looks for more (or fewer) nodes while the group runs; each resize
     # restarts the group from the latest checkpoint, so not too often.
     resize_check_s: float = 60.0
@@ -183,6 +186,11 @@ class WorkersConfig:
             f"with num_workers [{self.min_workers}, {self.max_workers}]",
         )
         require(self.resize_check_s >= 0, "resize_check_s", f"must be >= 0, got {self.resize_check_s}")
+        require(
+            self.node_resource is None or (bool(self.node_resource) and self.node_resource not in ("CPU", "GPU")),
+            "node_resource",
+            f"must be a custom resource name (not CPU or GPU), got {self.node_resource!r}",
+        )
 
     @property
     def min_workers(self) -> int:

@@ -80,7 +80,9 @@ class GroupRestart:
         )
 
 
-def _why(previous: int, current: int, notice: dict[str, Any] | None) -> str:
+def _why(previous: int, current: int, notice: dict[str, Any] | None, new_job: bool) -> str:
+    if new_job:
+        return "run resumed by a new job"
     if current > previous:
         return "nodes added"
     what = "nodes lost" if current < previous else "workers restarted"
@@ -90,12 +92,15 @@ def _why(previous: int, current: int, notice: dict[str, Any] | None) -> str:
     return f"{what}: without notice" if current < previous else f"{what} after a failure"
 
 
-def record_group_start(tracker: Any, world: int, step: int, meta: dict[str, Any] | None) -> GroupRestart | None:
+def record_group_start(
+    tracker: Any, world: int, step: int, meta: dict[str, Any] | None, job_start: float | None = None
+) -> GroupRestart | None:
     """Log this group's size and, when an earlier group of the run logged one, the restart (rank 0 only).
 
     ``tracker``: the run's :class:`~edsr_ray.tracking.RunLogger`; ``step``: the update resumed from; ``meta``: the
     resumed checkpoint's metadata (its ``notice`` says whether the previous group was preempted), None on a start
-    from scratch. Returns the restart, or None for the run's first group.
+    from scratch; ``job_start``: when the driver started (UNIX seconds), so that a group of an earlier job of the same
+    run is told apart from one of this job. Returns the restart, or None for the run's first group.
     """
     previous = tracker.last_metric(WORKERS_METRIC)
     restart = None
@@ -106,7 +111,12 @@ def record_group_start(tracker: Any, world: int, step: int, meta: dict[str, Any]
             when=now,
             from_workers=int(previous.value),
             to_workers=world,
-            why=_why(int(previous.value), world, (meta or {}).get("notice")),
+            why=_why(
+                int(previous.value),
+                world,
+                (meta or {}).get("notice"),
+                new_job=job_start is not None and previous.timestamp / 1000 < job_start,
+            ),
             resumed_from=step,
             redone=max(0, int(last_loss.step) - step) if last_loss is not None else 0,
             seconds_without_training=now - last_loss.timestamp / 1000 if last_loss is not None else None,

@@ -144,7 +144,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if tracker is not None:
         if resumed is not None:
             tracker.log_metrics({"resumed_from_step": step}, step)
-        elastic.record_group_start(tracker, world, step, resumed_meta)
+        elastic.record_group_start(tracker, world, step, resumed_meta, loop_config.get("job_start"))
     val_images = batches_lib.validation_images(cfg.data, cfg.model.scales, storage=cfg.storage) if rank == 0 else []
 
     shard = ray.train.get_dataset_shard("train")

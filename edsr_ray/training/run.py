@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutco
     resources = {"CPU": workers.cpus_per_worker}
     if workers.use_gpu:
         resources["GPU"] = 1
+    if workers.node_resource:
+        resources[workers.node_resource] = 1
     with relayed_logs() as mailbox:  # the workers' progress, shown by this driver
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -119,6 +122,7 @@ def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutco
                 "tracking_uri": uri,
                 "mlflow_run_id": run_id,
                 "log_mailbox": mailbox,
+                "job_start": time.time(),
             },
             scaling_config=ray.train.ScalingConfig(
                 # A (min, max) tuple makes the group elastic (Ray's form; the config holds it as a tuple already).
