@@ -1,206 +1,82 @@
-"""Elastic training on a local cluster of two nodes: ``workers.num_workers: [1, 2]`` trains at 2, shrinks to 1 when
-node B is stopped (announced as a preemption, as a Kubernetes pod deletion does), grows to 2 when it comes back, and
-computes what a fixed-size run computes: the same number of updates, each of exactly ``train.batch_size`` patches at
-the learning rate of the same schedule; and a fixed run on the same cluster for comparison."""
+"""edsr_ray.training.elastic against a real sqlite MLflow store: the record of each restart of the worker group (from,
+to, why, updates redone) and the checkpoint clock. The resizes themselves, on a two-node cluster, are in
+test_training_multinode.py."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from edsr_ray import storage, tracking
-from edsr_ray.config import ExperimentConfig, from_dict
-from edsr_ray.infra.localcluster import LocalCluster, NodeSpec
-from edsr_ray.training.run import run_training
-
-ROOT = "s3://edsr/elastic-tests/div2k"
-RUNS = "s3://edsr/elastic-tests/runs"
-DRAIN_S = 5  # node B announces its stop this far ahead
-
-pytestmark = pytest.mark.slow
-
-# Ray Train's pace for resizes (read by the driver before fit(), passed on to the controller and workers): a start
-# attempt at a size the cluster no longer has gives up after 10 s (default 60), failures and preemption notices are
-# seen within a second.
-RAY_TRAIN_ENV = {
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
-    "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
-}
+from edsr_ray import tracking
+from edsr_ray.config import TrackingConfig
+from edsr_ray.training import elastic
 
 
-@pytest.fixture(scope="module")
-def cluster(s3, sample_div2k, tmp_path_factory):
-    """Head: 3 CPUs (one 2-CPU train worker + Ray Data), node B: 2 CPUs (one train worker) that drains for 5 s when
-    stopped. With 2 CPUs per worker, Ray counts one worker per node: 2 with both nodes, 1 without B."""
-    import ray
-
-    from edsr_ray.ingest import ingest
-
-    home = tmp_path_factory.mktemp("home")
-    job_env = {**s3.env(), "EDSR_RAY_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true", **RAY_TRAIN_ENV}
-    nodes = [NodeSpec(num_cpus=3), NodeSpec(num_cpus=2, env={"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(DRAIN_S)})]
-    with LocalCluster(nodes) as local, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDSR_RAY_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        for key, value in RAY_TRAIN_ENV.items():
-            mp.setenv(key, value)
-        local.connect(runtime_env={"env_vars": job_env}, log_to_driver=False)
-        try:
-            report = ingest([str(sample_div2k)], ROOT, scales=(2,), progress=False)
-            assert report.failed == []
-            yield local
-        finally:
-            ray.shutdown()
+@pytest.fixture
+def logger(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDSR_RAY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.resolve_tracking_uri()
+    run_id = tracking.find_or_create_run(TrackingConfig(experiment="t"), "runs/e", "e", uri, resume=False)
+    return tracking.RunLogger(run_id, uri)
 
 
-TOTAL_STEPS = 600
-LR_STEP = 150
-
-
-def _config(name: str, num_workers) -> ExperimentConfig:
-    return from_dict(
-        ExperimentConfig,
-        {
-            "model": {"arch": "edsr", "n_resblocks": 1, "n_feats": 8, "scales": [2]},
-            "data": {
-                "root": ROOT,
-                "val_range": [801, 900],
-                "patch_size": 16,
-                "patches_per_image": 16,
-                "epoch_patches": 96,
-                "val_max_size": 96,
-            },
-            "train": {
-                "batch_size": 5,  # 3 + 2 at two workers, 5 at one
-                "lr": 1e-3,
-                "lr_step": LR_STEP,
-                "total_steps": TOTAL_STEPS,
-                "val_every": TOTAL_STEPS,
-                "log_every": 5,
-            },
-            "workers": {"num_workers": num_workers, "cpus_per_worker": 2, "resize_check_s": 5},
-            # No failure allowed: a stop announced as a preemption must not count as one.
-            "run": {"name": name, "storage_path": RUNS, "max_failures": 0, "checkpoint_every_s": 3, "num_to_keep": 2},
-            "tracking": {"experiment": "elastic-tests", "log_images": False},
-        },
-    )
-
-
-def _checkpoint_metas(name: str) -> list[dict]:
-    metas = []
-    for uri in storage.list_files(f"{RUNS}/{name}"):
-        if uri.endswith("/meta.json"):
-            with contextlib.suppress(storage.NotFoundError, ValueError):  # pruned or being written meanwhile
-                metas.append(json.loads(storage.read_bytes(uri)))
-    return metas
-
-
-def _wait_for(what: str, predicate, run: threading.Thread, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if not run.is_alive():
-            pytest.fail(f"the run ended before {what}: raise TOTAL_STEPS so that it outlasts the resizes")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {timeout_s:.0f} s")
-        time.sleep(0.5)
-
-
-def _history(run_id: str, key: str) -> list:
-    client = tracking.mlflow_module().MlflowClient(tracking_uri=tracking.resolve_tracking_uri())
-    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
-
-
-def _last_per_step(run_id: str, key: str) -> dict[int, float]:
-    """step -> value, the value logged last for each step (updates redone after a restart log their step again)."""
-    return {m.step: m.value for m in _history(run_id, key)}
-
-
-def test_elastic_run_shrinks_and_grows_and_computes_what_a_fixed_run_computes(cluster):
-    results: dict = {}
-
-    def train(name, workers):
-        try:
-            results[name] = run_training(_config(name, workers))
-        except BaseException as exc:  # reported by the assertions below
-            results[name] = exc
-
-    run = threading.Thread(target=train, args=("elastic", [1, 2]))
-    run.start()
-    try:
-        at_two = lambda: any(m["workers"] == 2 for m in _checkpoint_metas("elastic"))  # noqa: E731
-        _wait_for("a checkpoint at 2 workers", at_two, run)
-        stopped = time.monotonic()
-        cluster.stop_node(1)  # drains for DRAIN_S (a preemption notice), then goes
-        _wait_for("a checkpoint at 1 worker", lambda: any(m["workers"] == 1 for m in _checkpoint_metas("elastic")), run)
-        shrink_s = time.monotonic() - stopped
-        back, back_wall = time.monotonic(), time.time()
-        cluster.start_node(1)
-        _wait_for(
-            "a checkpoint at 2 workers after node B came back",
-            lambda: any(m["workers"] == 2 and m["time"] > back_wall for m in _checkpoint_metas("elastic")),
-            run,
-        )
-        grow_s = time.monotonic() - back
-    finally:
-        run.join(timeout=600)
-    elastic = results["elastic"]
-    assert not isinstance(elastic, BaseException), elastic
-    print(f"\nelastic: training at 1 worker {shrink_s:.0f} s after node B was stopped, at 2 again {grow_s:.0f} s after")
-
-    # Exactly total_steps updates, and the schedule where a fixed run has it.
-    assert elastic.steps == TOTAL_STEPS
-    state = torch.load(
-        io.BytesIO(storage.read_bytes(f"s3://{elastic.checkpoint_path}/train_state.pt")), weights_only=True
-    )
-    assert state["step"] == TOTAL_STEPS and state["scheduler"]["last_epoch"] == TOTAL_STEPS
-    run_id = elastic.mlflow_run_id
-
-    # The group went 2 -> 1 -> 2, each resize recorded once with its cause, nothing counted as a failure (max_failures
-    # is 0: a counted failure would have ended the run).
-    sizes = [int(m.value) for m in _history(run_id, "workers")]
-    changes = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
-    assert changes == [2, 1, 2], sizes
-    client = tracking.mlflow_module().MlflowClient(tracking_uri=tracking.resolve_tracking_uri())
-    records = [
-        json.loads(Path(client.download_artifacts(run_id, a.path)).read_text())
-        for a in client.list_artifacts(run_id, "resizes")
+def _records(logger, tmp_path) -> list[dict]:
+    client = tracking.mlflow_module().MlflowClient(tracking_uri=logger.uri)
+    paths = [a.path for a in client.list_artifacts(logger.run_id, "resizes")]
+    return [
+        json.loads(Path(client.download_artifacts(logger.run_id, p, str(tmp_path / "dl"))).read_text()) for p in paths
     ]
-    resizes = [(r["from_workers"], r["to_workers"], r["why"]) for r in records if r["from_workers"] != r["to_workers"]]
-    assert [(f, t) for f, t, _ in resizes] == [(2, 1), (1, 2)], records
-    assert resizes[0][2].startswith("nodes lost: preempted") and resizes[1][2] == "nodes added", resizes
-    assert max(m.value for m in _history(run_id, "resizes")) == 2
 
-    # Every update of every logged window used exactly batch_size patches (the workers' own counts, summed), at both
-    # sizes; the learning rate at every logged update is the fixed schedule's.
-    for key in ("patches_per_update_min", "patches_per_update_max"):
-        assert {m.value for m in _history(run_id, key)} == {5.0}, key
-    lrs = _last_per_step(run_id, "lr")
-    assert sorted(lrs) == list(range(5, TOTAL_STEPS + 1, 5))
-    for step, value in lrs.items():
-        assert value == pytest.approx(1e-3 * 0.5 ** (step // LR_STEP)), step
 
-    # The same recipe at a fixed 2 workers on the same cluster: the same learning rates, and a loss curve that differs
-    # only by the data order (patches are drawn afresh, and a resized run redid some updates on other patches).
-    fixed = run_training(_config("fixed", 2))
-    assert fixed.steps == TOTAL_STEPS
-    assert _last_per_step(fixed.mlflow_run_id, "lr") == lrs
-    a, b = _last_per_step(run_id, "loss"), _last_per_step(fixed.mlflow_run_id, "loss")
-    tail = [s for s in sorted(a) if s > TOTAL_STEPS // 2]
-    mean_a, mean_b = np.mean([a[s] for s in tail]), np.mean([b[s] for s in tail])
-    first_a, first_b = np.mean([a[s] for s in sorted(a)[:10]]), np.mean([b[s] for s in sorted(b)[:10]])
-    print(
-        f"loss, first 50 updates: elastic {first_a:.3f}, fixed {first_b:.3f}; second half: elastic {mean_a:.3f}, "
-        f"fixed {mean_b:.3f}; final val_psnr: elastic {elastic.metrics['val_psnr']:.3f}, fixed "
-        f"{fixed.metrics['val_psnr']:.3f}"
-    )
-    assert mean_a < 0.8 * first_a and mean_b < 0.8 * first_b  # both learned
-    assert abs(mean_a - mean_b) < 0.15 * mean_b  # the same curve within the noise of the data order
+def test_each_group_start_logs_its_size_and_each_restart_one_record(logger, tmp_path):
+    job_start = time.time() - 1
+    # The run's first group: its size, no record.
+    assert elastic.record_group_start(logger, 2, 0, None, job_start) is None
+    logger.log_metrics({"loss": 1.0, elastic.WORKERS_METRIC: 2}, 50)
+    time.sleep(0.01)  # MLflow timestamps are in milliseconds
+    # A node of the group was drained for preemption: the checkpoint of update 40 carries the notice.
+    notice = {"deadline": 1000.0, "seen": 990.0, "nodes": ["b"], "ranks": [1]}
+    lost = elastic.record_group_start(logger, 1, 40, {"notice": notice}, job_start)
+    assert (lost.from_workers, lost.to_workers, lost.resumed_from, lost.redone) == (2, 1, 40, 10)
+    assert lost.why == "nodes lost: preempted, seen 10 s before its deadline"
+    assert lost.line().startswith("workers 2 -> 1 at update 40 (nodes lost: preempted")
+    logger.log_metrics({"loss": 0.9}, 60)
+    time.sleep(0.01)
+    grown = elastic.record_group_start(logger, 2, 60, {"notice": None}, job_start)
+    assert (grown.from_workers, grown.to_workers, grown.why, grown.redone) == (1, 2, "nodes added", 0)
+    time.sleep(0.01)
+    again = elastic.record_group_start(logger, 2, 60, {"notice": None}, job_start)
+    assert again.why == "workers restarted after a failure"
+    time.sleep(0.01)
+    assert elastic.record_group_start(logger, 1, 60, None, job_start).why == "nodes lost: without notice"
+    time.sleep(0.01)
+    # A new job of the same run (re-submitted): the previous group belongs to an earlier job.
+    assert elastic.record_group_start(logger, 1, 60, None, time.time() + 1).why == "run resumed by a new job"
+
+    client = tracking.mlflow_module().MlflowClient(tracking_uri=logger.uri)
+    sizes = [m.value for m in sorted(client.get_metric_history(logger.run_id, "workers"), key=lambda m: m.timestamp)]
+    assert sizes == [2, 2, 1, 2, 2, 1, 1]
+    counts = sorted(client.get_metric_history(logger.run_id, "resizes"), key=lambda m: m.timestamp)
+    assert [m.value for m in counts] == [1, 2, 2, 3, 3]  # restarts at the same size are recorded, not counted
+    records = _records(logger, tmp_path)
+    assert len(records) == 5 and {(r["from_workers"], r["to_workers"]) for r in records} == {
+        (2, 1),
+        (1, 2),
+        (2, 2),
+        (1, 1),
+    }
+    assert client.get_run(logger.run_id).data.tags["last_resize"].startswith("workers 1 -> 1 at update 60")
+
+
+def test_checkpoint_clock():
+    assert not elastic.CheckpointClock(None).due()
+    clock = elastic.CheckpointClock(0.05)
+    assert not clock.due()
+    time.sleep(0.06)
+    assert clock.due()
+    clock.reset()
+    assert not clock.due()

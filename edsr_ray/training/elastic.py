@@ -11,8 +11,8 @@ whenever nodes go or come (:mod:`edsr_ray.training.run`); every group runs
 * :func:`preemption_notice` - Ray Train 2.60 tells the workers when a node of the group is being drained for
   preemption (``ray.train.get_preemption_info``); the loop then checkpoints at once, before the node goes.
 * :func:`record_group_start` - at each group start rank 0 compares its group size with the last one logged to
-  MLflow, and logs one line, the ``workers`` and ``resizes`` metrics, a ``resizes/<update>-<time>.json`` artifact and
-  the ``last_resize`` tag: when, from, to, why, the update it resumed from and the updates redone.
+  MLflow, and logs one line, the ``workers`` and ``resizes`` metrics, a ``resizes/<update>-<unix ms>.json``
+  artifact and the ``last_resize`` tag: when, from, to, why, the update it resumed from and the updates redone.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def _why(previous: int, current: int, notice: dict[str, Any] | None, new_job: bo
         return "nodes added"
     what = "nodes lost" if current < previous else "workers restarted"
     if notice is not None:
-        lead = "" if notice.get("deadline") is None else f", {notice['deadline'] - notice['seen']:.0f} s notice"
+        lead = notice.get("deadline")
+        lead = "" if lead is None else f", seen {max(0.0, lead - notice['seen']):.0f} s before its deadline"
         return f"{what}: preempted{lead}"
     return f"{what}: without notice" if current < previous else f"{what} after a failure"
 
@@ -125,7 +126,7 @@ def record_group_start(
         total = (int(count.value) if count is not None else 0) + int(world != restart.from_workers)
         log.info("%s", restart.line())
         tracker.log_metrics({RESIZES_METRIC: total}, step)
-        tracker.log_text(json.dumps(asdict(restart), indent=2), f"resizes/{step:08d}-{int(now)}.json")
+        tracker.log_text(json.dumps(asdict(restart), indent=2), f"resizes/{step:08d}-{int(now * 1000)}.json")
         tracker.set_tag("last_resize", restart.line())
     tracker.log_metrics({WORKERS_METRIC: world}, step)
     return restart
