@@ -148,13 +148,29 @@ class TrainConfig:
 class WorkersConfig:
     """Ray Train scaling: how many workers and what each one holds."""
 
-    num_workers: int = 1  # Ray Train workers (one GPU each with use_gpu)
+    # Ray Train workers (one GPU each with use_gpu): a fixed count, or [min, max] for an elastic group that starts
+    # once min fit, grows towards max as nodes arrive and shrinks when nodes go (README "Run on a cluster").
+    num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False  # train on GPUs (NCCL); else CPU (gloo)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; Ray Data uses the rest for the patch stream
     placement_strategy: str = "PACK"  # PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (workers on different nodes)
+    # A custom resource each worker needs one unit of, e.g. spot_gpu: train only on the nodes that offer it
+    # (cluster.yaml's gpu_l4_spot type). null: any node with the CPUs (and GPU) it needs.
+    node_resource: str | None = None
+    # With a [min, max] range: seconds between looks for more (or fewer) nodes while the group runs; each resize
+    # restarts the group from the latest checkpoint, so not too often.
+    resize_check_s: float = 60.0
 
     def __post_init__(self) -> None:
-        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        count = self.num_workers
+        if isinstance(count, tuple):
+            require(
+                len(count) == 2 and 1 <= count[0] <= count[1],
+                "num_workers",
+                f"expected a count or [min, max] with 1 <= min <= max, got {list(count)}",
+            )
+        else:
+            require(count >= 1, "num_workers", f"must be >= 1, got {count}")
         require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
         require(
@@ -162,6 +178,32 @@ class WorkersConfig:
             "placement_strategy",
             f"must be one of {list(strategies)}, got {self.placement_strategy!r}",
         )
+        require(
+            not (self.elastic and self.placement_strategy.startswith("STRICT_")),
+            "placement_strategy",
+            f"{self.placement_strategy} cannot be honoured by an elastic group (Ray counts the workers that fit "
+            "without the placement constraint and would retry a size it cannot place forever): use PACK or SPREAD "
+            f"with num_workers [{self.min_workers}, {self.max_workers}]",
+        )
+        require(self.resize_check_s >= 0, "resize_check_s", f"must be >= 0, got {self.resize_check_s}")
+        require(
+            self.node_resource is None or (bool(self.node_resource) and self.node_resource not in ("CPU", "GPU")),
+            "node_resource",
+            f"must be a custom resource name (not CPU or GPU), got {self.node_resource!r}",
+        )
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the group size may change during the run (a [min, max] range, even [n, n])."""
+        return isinstance(self.num_workers, tuple)
 
 
 @dataclass(frozen=True)
@@ -172,8 +214,14 @@ class RunConfig:
     # Local folder or ``s3://bucket/prefix``; re-running with the same name and storage resumes the run. None: runs/
     # in the project home ($EDSR_RAY_HOME, default ~/.edsr-ray).
     storage_path: str | None = None
-    max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails (-1: forever)
+    # Worker-group restarts from the latest checkpoint before the run fails (-1: forever). A node that vanishes
+    # without notice counts here; a node drained for preemption counts against max_preemptions instead.
+    max_failures: int = 2
+    max_preemptions: int = -1  # restarts after announced preemptions (drained nodes) before failing (-1: no limit)
     num_to_keep: int = 2  # checkpoints kept, best by validation PSNR (the latest is always kept too)
+    # Also checkpoint (without validating) when this many seconds passed since the last checkpoint: the work a
+    # preemption or resize can lose is bounded by it. null: checkpoints only at validations.
+    checkpoint_every_s: float | None = None
 
     def __post_init__(self) -> None:
         require(
@@ -183,6 +231,17 @@ class RunConfig:
         _require_location(self.storage_path, "storage_path")
         require(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}")
         require(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
+        require(
+            self.max_preemptions >= -1,
+            "max_preemptions",
+            f"must be >= -1 (-1: no limit), got {self.max_preemptions}",
+        )
+        if self.checkpoint_every_s is not None:
+            require(
+                self.checkpoint_every_s > 0,
+                "checkpoint_every_s",
+                f"must be > 0 seconds or null, got {self.checkpoint_every_s}",
+            )
 
     @property
     def location(self) -> str:
@@ -231,10 +290,12 @@ class ExperimentConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
+        # Each worker takes at least one patch of the global batch (shares may differ by one: training.update).
         require(
-            self.train.batch_size % self.workers.num_workers == 0,
-            "train.batch_size",
-            f"global batch {self.train.batch_size} must divide evenly over {self.workers.num_workers} workers",
+            self.workers.max_workers <= self.train.batch_size,
+            "workers.num_workers",
+            f"up to {self.workers.max_workers} workers cannot share a global batch of {self.train.batch_size} "
+            "patches (train.batch_size): each worker needs at least one",
         )
 
 
@@ -244,6 +305,18 @@ class ExperimentConfig:
 
 def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
+
+
+def _type_words(tp: Any) -> str:
+    """``int`` -> "an integer", ``tuple[int, int]`` -> "a list of 2 integers" (for error messages)."""
+    words = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings")}
+    if tp in words:
+        return words[tp][0]
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args:
+        count = "" if args[-1] is Ellipsis else f"{len(args)} "
+        return f"a list of {count}{words.get(args[0], ('', 'values'))[1]}"
+    return str(tp)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -256,7 +329,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for member in inner:  # the first member the value converts to, e.g. a count or a [min, max] pair
+            try:
+                return _coerce(value, member, key)
+            except FieldError:
+                if len(inner) == 1:
+                    raise
+        raise FieldError(key, f"expected {' or '.join(_type_words(m) for m in inner)}, got {_describe(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value

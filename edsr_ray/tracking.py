@@ -153,6 +153,16 @@ class RunLogger:
         if items:
             self._client.log_batch(self.run_id, metrics=items)
 
+    def last_metric(self, key: str) -> Any:
+        """The value last logged for ``key`` (an MLflow ``Metric``: ``value``, ``step``, ``timestamp`` in ms), or None
+        when there is none. The last in time, then by step: after a restart that redid updates, that is the value
+        the restarted workers logged, not the one of a higher step the lost ones logged before."""
+        history = self._client.get_metric_history(self.run_id, key)
+        return max(history, key=lambda m: (m.timestamp, m.step)) if history else None
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._client.set_tag(self.run_id, key, value)
+
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """Log an (H, W[, C]) uint8/uint16 image as ``artifact_file`` (its extension picks PNG, JPEG or WebP).
 

@@ -72,7 +72,20 @@ def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
         ("data:\n  train_range: [10, 1]\n", "data.train_range", "first <= last"),
         ("train: 3\n", "train", "mapping"),
         ("storage:\n  endpoint_url: 127.0.0.1:8333\n", "storage.endpoint_url", "http://"),
-        ("workers:\n  num_workers: 3\n", "train.batch_size", "divide evenly"),
+        ("workers:\n  num_workers: 17\n", "workers.num_workers", "global batch of 16"),
+        ("workers:\n  num_workers: [1, 17]\n", "workers.num_workers", "up to 17 workers"),
+        ("workers:\n  num_workers: [2, 1]\n", "workers.num_workers", "1 <= min <= max, got [2, 1]"),
+        ("workers:\n  num_workers: [0, 2]\n", "workers.num_workers", "1 <= min <= max, got [0, 2]"),
+        ("workers:\n  num_workers: [1, 2, 3]\n", "workers.num_workers", "an integer or a list of 2 integers"),
+        ("workers:\n  num_workers: [1.5, 2]\n", "workers.num_workers", "an integer or a list of 2 integers"),
+        (
+            "workers:\n  num_workers: [1, 2]\n  placement_strategy: STRICT_SPREAD\n",
+            "workers.placement_strategy",
+            "cannot be honoured by an elastic group",
+        ),
+        ("workers:\n  resize_check_s: -1\n", "workers.resize_check_s", ">= 0"),
+        ("run:\n  checkpoint_every_s: 0\n", "run.checkpoint_every_s", "> 0 seconds"),
+        ("run:\n  max_preemptions: -2\n", "run.max_preemptions", ">= -1"),
         ("storage:\n  max_read_bytes: 0\n", "storage.max_read_bytes", ">= 1"),
         ("storage:\n  read_budget_s: 0\n", "storage.read_budget_s", "> 0"),
     ],
@@ -194,3 +207,14 @@ def test_train_job_exits_2_on_foreign_schemes_before_anything_is_created(key, tm
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {config}: {key}: {value}: unsupported scheme ") and "\n" not in err, err
         assert os.listdir(tmp_path) == [], "nothing may be created for a refused location"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("3", (3, 3, 3, False)), ("[1, 8]", ((1, 8), 1, 8, True)), ("[4, 4]", ((4, 4), 4, 4, True))]
+)
+def test_num_workers_takes_a_count_or_a_range(value, expected):
+    """A count fixes the group; a [min, max] list (YAML or override) makes it elastic, passed to Ray as a tuple."""
+    cfg = load_config(None, [f"workers.num_workers={value}"])
+    w = cfg.workers
+    assert (w.num_workers, w.min_workers, w.max_workers, w.elastic) == expected
+    assert load_config(None, [f"workers.num_workers={to_dict(cfg)['workers']['num_workers']}"]) == cfg

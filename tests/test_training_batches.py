@@ -60,7 +60,7 @@ import torch.distributed as dist
 from edsr_ray import manifest
 from edsr_ray.training import batches, patches
 
-rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+rank, port, out, share = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 
 
@@ -92,15 +92,25 @@ else:
     blocks = [block(3, 8) for _ in range(3)] + [block(4, 8) for _ in range(2)] + [block(2, 8) for _ in range(6)]
 agreement = batches.ScaleAgreement((2, 3, 4), seed=5, group=dist.new_group(backend="gloo"))
 seen = []
-for lr, hr, scale in batches.iter_training_batches(Shard(blocks), 4, (2, 3, 4), seed=rank, agreement=agreement,
+for lr, hr, scale in batches.iter_training_batches(Shard(blocks), share, (2, 3, 4), seed=rank, agreement=agreement,
                                                 shuffle_patches=8):
-    assert hr.shape[-1] == 4 * scale and lr.shape[-1] == 4
+    assert hr.shape[-1] == 4 * scale and lr.shape[-1] == 4 and len(lr) == share
     seen.append([scale, sorted(int(v) for v in lr[:, 0, 0, 0])])
 json.dump(seen, open(out, "w"))
 """
 
 
-def test_ranks_agree_on_every_batch_scale_whatever_their_shards_hold(tmp_path):
+@pytest.mark.parametrize(
+    ("shares", "expected"),
+    [
+        # Everything both ranks can serve is used: x2 (40 on rank 0), x3 (24 on both); x4 (rank 1 only) never.
+        ((4, 4), {2: 10, 3: 6}),
+        # Unequal shares of a global batch of 8 (as an elastic group of 2 splits 9, or any odd batch): the rank
+        # taking 5 can serve 8 x2 and 4 x3 batches, the rank taking 3 more; both stop at what rank 0 can serve.
+        ((5, 3), {2: 8, 3: 4}),
+    ],
+)
+def test_ranks_agree_on_every_batch_scale_whatever_their_shards_hold(tmp_path, shares, expected):
     import subprocess
     import sys
 
@@ -110,7 +120,7 @@ def test_ranks_agree_on_every_batch_scale_whatever_their_shards_hold(tmp_path):
     script.write_text(_AGREEMENT_RANK)
     (port,) = free_ports(1)
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), str(port), str(tmp_path / f"{r}.json")])
+        subprocess.Popen([sys.executable, str(script), str(r), str(port), str(tmp_path / f"{r}.json"), str(shares[r])])
         for r in range(2)
     ]
     try:
@@ -123,11 +133,10 @@ def test_ranks_agree_on_every_batch_scale_whatever_their_shards_hold(tmp_path):
     seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     scales = [[scale for scale, _ in rank] for rank in seen]
     assert scales[0] == scales[1]  # the same scale at every update on both ranks
-    # Everything both ranks can serve is used: x2 (40 on rank 0), x3 (24 on both); x4 (rank 1 only) never.
-    assert Counter(scales[0]) == {2: 10, 3: 6}
-    for rank in seen:
+    assert Counter(scales[0]) == expected
+    for rank, share in zip(seen, shares):
         ids = [i for _, batch in rank for i in batch]
-        assert len(ids) == len(set(ids)) == 64  # no patch twice
+        assert len(ids) == len(set(ids)) == share * sum(expected.values())  # no patch twice
 
 
 def test_to_model_batch_layouts():

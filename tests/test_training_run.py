@@ -144,6 +144,33 @@ def test_resume_continues_the_schedule_without_decaying_twice(env):
     assert state["step"] == 12 and state["scheduler"]["last_epoch"] == 12
 
 
+@pytest.mark.slow
+def test_uneven_shares_and_a_checkpoint_by_time(env):
+    """A global batch of 5 over 2 workers (3 + 2 patches): every update used 5 patches, as the workers counted them.
+    With run.checkpoint_every_s, checkpoints are written between validations, unvalidated, and never "best"."""
+    cfg = _config(
+        "bytime",
+        train={"batch_size": 5, "total_steps": 24, "val_every": 24, "log_every": 2},
+        run={"checkpoint_every_s": 0.5, "num_to_keep": 50},
+    )
+    outcome = run_training(cfg)
+    assert outcome.steps == 24
+    counts = _run_metrics(outcome.mlflow_run_id, "patches_per_update_min")
+    counts += _run_metrics(outcome.mlflow_run_id, "patches_per_update_max")
+    assert sorted({s for s, _ in counts}) == list(range(2, 25, 2)) and {v for _, v in counts} == {5.0}
+    assert {v for _, v in _run_metrics(outcome.mlflow_run_id, "workers")} == {2.0}
+    metas = [
+        json.loads(storage.read_bytes(uri))
+        for uri in storage.list_files("s3://edsr/train-tests/runs/bytime")
+        if uri.endswith("/meta.json")
+    ]
+    by_time = [m for m in metas if m["reason"] == "time"]
+    assert by_time, [m["step"] for m in metas]  # at least one; how many depends on the machine's speed
+    assert all(m["step"] % 24 and m["metrics"]["val_psnr"] == -1.0 and m["workers"] == 2 for m in by_time)
+    assert [m["step"] for m in metas if m["reason"] == "validation"] == [24]
+    assert outcome.best_checkpoint_path == outcome.checkpoint_path  # the validated one, not a time checkpoint
+
+
 def _download(checkpoint_path: str, name: str):
     import io
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from edsr_ray.config import TrainConfig
 from edsr_ray.errors import EdsrRayError
 from edsr_ray.models import EDSR
-from edsr_ray.training.update import LossWindow, UpdateStep
+from edsr_ray.training.update import LossWindow, UpdateStep, batch_share, share_weight
 
 
 def _random_batches(count: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -185,3 +185,52 @@ def test_loss_window_finds_the_first_nonfinite_update_and_averages_the_rest():
     assert window.mean == 2.0  # a failed check folds nothing in
     window.reset()
     assert window.count == 0 and window.mean == 0.0
+
+
+@pytest.mark.parametrize(("batch", "world"), [(16, 3), (16, 2), (7, 7), (5, 1)])
+def test_batch_shares_cover_the_global_batch(batch, world):
+    shares = [batch_share(batch, world, r) for r in range(world)]
+    assert sum(shares) == batch and max(shares) - min(shares) <= 1 and min(shares) >= 1
+    assert sum(share_weight(batch, world, r) for r in range(world)) == pytest.approx(world)
+    with pytest.raises(EdsrRayError, match="cannot share"):
+        batch_share(world - 1, world, 0) if world > 1 else batch_share(batch, world, 1)
+
+
+def test_uneven_shares_average_to_the_global_batch_gradient():
+    """W ranks with 3, 2, 2 of 7 patches, each weighting its loss by share_weight: DDP's average of their gradients
+    (sum / W) is the gradient of the mean L1 loss over all 7 patches; an unweighted split is not."""
+    torch.manual_seed(0)
+    base = EDSR(n_resblocks=1, n_feats=8, scale=2)
+    lr, hr = torch.rand(7, 3, 10, 10) * 255, torch.rand(7, 3, 20, 20) * 255
+    trained = [p for p in base.parameters() if p.requires_grad]
+    full = [g.clone() for g in torch.autograd.grad(F.l1_loss(base(lr), hr), trained)]
+    world = 3
+
+    def averaged(weighted: bool) -> tuple[list[torch.Tensor], float]:
+        grads, loss_sum, start = [torch.zeros_like(g) for g in full], 0.0, 0
+        for rank in range(world):
+            n = batch_share(7, world, rank)
+            weight = share_weight(7, world, rank) if weighted else 1.0
+            model = copy.deepcopy(base)
+            update = UpdateStep(model, TrainConfig(), torch.device("cpu"), world_size=world, loss_weight=weight)
+            loss = update(lr[start : start + n], hr[start : start + n], 2)  # leaves the weighted gradient in .grad
+            loss_sum += float(loss) * weight
+            for acc, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
+                acc += p.grad / world
+            start += n
+        return grads, loss_sum / world
+
+    grads, loss = averaged(weighted=True)
+    for a, b in zip(grads, full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert loss == pytest.approx(float(F.l1_loss(base(lr), hr)), rel=1e-5)
+    naive, _ = averaged(weighted=False)
+    assert max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(naive, full)) > 1e-3
+
+
+def test_loss_window_carries_patch_counts_and_extra_values():
+    window = LossWindow(3, torch.device("cpu"), weight=1.0)
+    window.add(torch.tensor(2.0), patches=4)
+    window.add(torch.tensor(4.0), patches=4)
+    assert window.check(extra=(1.0, 0.0)) is None
+    assert window.patches.tolist() == [4.0, 4.0] and window.extra.tolist() == [1.0, 0.0] and window.mean == 3.0

@@ -72,11 +72,14 @@ class LocalClusterError(EdsrRayError):
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """Resources of one node: logical CPUs, object store size, custom resources (e.g. ``{"node_b": 1}``)."""
+    """Resources of one node: logical CPUs, object store size, custom resources (e.g. ``{"node_b": 1}``), and
+    variables added to this node's environment only (e.g. ``{"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5"}``: the
+    node then announces its stop as a preemption that far ahead, as a Kubernetes pod does on deletion)."""
 
     num_cpus: int = 2
     object_store_mb: int = 200
     resources: Mapping[str, float] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0:
@@ -266,7 +269,35 @@ class LocalCluster:
         if self._own_temp_dir and self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
+    def stop_node(self, index: int, timeout_s: float = 60.0) -> None:
+        """Stop one worker node (``index`` >= 1; the head holds the cluster) as an instance shutdown would.
+
+        ``ray start`` answers SIGTERM by draining the node for preemption for ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``
+        seconds (0 here unless the node's :attr:`NodeSpec.env` sets it), then stopping the node's Ray processes.
+        Returns once the node's process has exited; :meth:`start_node` brings it back.
+        """
+        node = self._worker_node(index)
+        if node.process is None:
+            raise LocalClusterError(f"ray node {node.name} is not running")
+        _stop_nodes([node], os.getpid(), timeout_s)
+        log.info("ray node %s stopped", node.name)
+
+    def start_node(self, index: int) -> None:
+        """Start a worker node stopped by :meth:`stop_node` again (a new Ray node id, fresh ports, same folder), and
+        return once it is alive in the cluster."""
+        node = self._worker_node(index)
+        if node.process is not None:
+            raise LocalClusterError(f"ray node {node.name} is already running")
+        started = time.monotonic()
+        self._start_node(find_ray(), node, started)
+        self._wait_for_cluster(started)
+
     # -- internals --------------------------------------------------------------------------------------------------
+
+    def _worker_node(self, index: int) -> _Node:
+        if not 1 <= index < len(self._nodes):
+            raise LocalClusterError(f"node index must be 1..{len(self._nodes) - 1} (0 is the head), got {index}")
+        return self._nodes[index]
 
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
@@ -348,7 +379,7 @@ class LocalCluster:
             with open(node.log_path, "wb") as out:
                 node.process = subprocess.Popen(
                     self._command(ray_cmd, node),
-                    env=self._base_env(),
+                    env={**self._base_env(), **node.spec.env},
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,

@@ -36,7 +36,8 @@ class TrainingBatch(NamedTuple):
 
 def batches_per_epoch(cfg: DataConfig, batch_size: int, world_size: int, scales: Sequence[int]) -> int:
     """Batches of ``batch_size`` every rank is guaranteed to get from one epoch of the patch stream
-    (:func:`~edsr_ray.training.patches.patch_dataset`).
+    (:func:`~edsr_ray.training.patches.patch_dataset`). With shares of the global batch that differ by one patch,
+    pass the largest share: the rank that takes it runs out first.
 
     Ray Train splits an epoch into ``epoch_patches // world_size`` rows per rank (``streaming_split(equal=True)``).
     With one scale that is ``rows // batch_size`` batches. With S scales a rank's rows may split unevenly over the
@@ -96,10 +97,11 @@ class ScaleAgreement:
 
     Without it each rank would draw its own scale: the shared body would still learn, but each upsampling branch would
     get its gradient averaged with the zeros of the ranks that did not use it. With it, before each batch the ranks
-    exchange how many pooled patches of each scale they hold (one small all-reduce on a CPU process group: no GPU
-    sync) and all take the same scale, drawn by an RNG seeded alike on every rank among the scales every rank can
-    serve, weighted by what the emptiest rank holds. If no scale can be served yet, ranks that still have data read
-    more; when none can, the epoch ends for all of them at the same batch.
+    exchange how many batches of each scale their pools can serve, each at its own share of the global batch (shares
+    may differ by one patch: :func:`~edsr_ray.training.update.batch_share`; one small all-reduce on a CPU process
+    group: no GPU sync) and all take the same scale, drawn by an RNG seeded alike on every rank among the scales every
+    rank can serve, weighted by what the emptiest rank can serve. If no scale can be served yet, ranks that still
+    have data read more; when none can, the epoch ends for all of them at the same batch.
 
     ``group``: a gloo process group (``torch.distributed.new_group(backend="gloo")`` when the default group is NCCL),
     or None for the default group when that is already gloo. ``seed`` must be equal on every rank.
@@ -118,12 +120,12 @@ class ScaleAgreement:
         import torch
         import torch.distributed as dist
 
-        # One MIN all-reduce carries both: the smallest pool of each scale, and -1 if any rank can still read.
-        state = torch.tensor([*sizes, 0 if exhausted else -1], dtype=torch.int64)
+        # One MIN all-reduce carries both: the batches of each scale the emptiest rank can serve (``batch_size`` is
+        # this rank's share), and -1 if any rank can still read.
+        state = torch.tensor([*(size // batch_size for size in sizes), 0 if exhausted else -1], dtype=torch.int64)
         dist.all_reduce(state, op=dist.ReduceOp.MIN, group=self.group)
-        smallest = state[:-1].numpy().astype(np.float64)
+        eligible = state[:-1].numpy().astype(np.float64)
         anyone_reading = int(state[-1]) < 0
-        eligible = np.where(smallest >= batch_size, smallest, 0.0)
         if eligible.sum() > 0:
             return self.scales[int(self.rng.choice(len(self.scales), p=eligible / eligible.sum()))]
         return self.MORE if anyone_reading else self.END

@@ -3,14 +3,20 @@ examples, with its pieces: :func:`prepare_for_training` (DDP and the update), :f
 images, rank 0) and the checkpoint written after each validation. The driver that starts the workers is
 :mod:`edsr_ray.training.run`.
 
-Batch semantics: ``train.batch_size`` is the *global* batch (the paper's 16); each of the ``workers.num_workers``
-workers takes ``batch_size / num_workers`` patches per update and DDP averages the gradients, so one update sees the
-same number of patches whatever the cluster size, and the paper's learning-rate schedule applies unchanged. A resumed
-worker restores the scheduler as saved: the learning rate continues exactly where it was (no double decay).
+Batch semantics: ``train.batch_size`` is the *global* batch (the paper's 16) at every update, whatever the size W of
+the current worker group: rank r takes its share (``B // W`` or one more, :func:`~edsr_ray.training.update.batch_share`)
+and weights its loss so that DDP's average is the gradient over all B patches; so the paper's learning-rate schedule
+applies unchanged. The schedule counts updates and is restored from the checkpoint: after a resume or a resize the
+learning rate continues exactly where it was (no double decay). Each update's patch count, summed over the ranks, is
+checked and logged (``patches_per_update_min``/``_max``).
+
+Checkpoints: after each validation (``train.val_every``); by time (``run.checkpoint_every_s``) and when Ray announces
+the preemption of a node of the group, without validation (:mod:`edsr_ray.training.elastic`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -26,8 +32,9 @@ from edsr_ray import tracking
 from edsr_ray.config import ExperimentConfig, from_dict
 from edsr_ray.errors import EdsrRayError
 from edsr_ray.training import batches as batches_lib
-from edsr_ray.training.checkpoints import load_train_state, save_checkpoint, set_rng_state
-from edsr_ray.training.update import LossWindow, UpdateStep
+from edsr_ray.training import elastic
+from edsr_ray.training.checkpoints import META, load_train_state, save_checkpoint, set_rng_state
+from edsr_ray.training.update import LossWindow, UpdateStep, batch_share, share_weight
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +73,11 @@ def validate(
 
 
 def prepare_for_training(
-    model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device, world_size: int
+    model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device, world_size: int, rank: int = 0
 ) -> tuple[torch.nn.Module, UpdateStep, bool]:
     """What every training worker does to its built model: channels_last on a GPU, DDP through Ray Train, and the
-    update. Returns the prepared model, its :class:`UpdateStep` and whether batches should be channels_last."""
+    update (weighted for this rank's share of the global batch). Returns the prepared model, its
+    :class:`UpdateStep` and whether batches should be channels_last."""
     import ray.train.torch
 
     channels_last = cfg.train.channels_last and device.type == "cuda"
@@ -78,7 +86,15 @@ def prepare_for_training(
     # MDSR trains one upsampling branch per batch: the others get no gradient in that step.
     ddp_kwargs = {"find_unused_parameters": len(cfg.model.scales) > 1}
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
-    return model, UpdateStep(model, cfg.train, device, world_size=world_size), channels_last
+    weight = share_weight(cfg.train.batch_size, world_size, rank)
+    update = UpdateStep(model, cfg.train, device, world_size=world_size, loss_weight=weight)
+    return model, update, channels_last
+
+
+# Score of a checkpoint written without validation (by time, on a preemption notice): below any PSNR, so that such a
+# checkpoint never counts as the best one and is pruned first (Ray keeps the latest anyway). Finite on purpose: Ray's
+# checkpoint bookkeeping would turn -inf into null.
+UNVALIDATED_SCORE = -1.0
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -102,19 +118,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = build_model(cfg.model)
     step = 0
     resumed = ray.train.get_checkpoint()
-    train_state = None
+    train_state, resumed_meta = None, None
     if resumed is not None:
         with resumed.as_directory() as ckpt_dir:
             from edsr_ray.weights import load_model
 
             load_matching(model, load_model(ckpt_dir).state_dict())
             train_state = load_train_state(Path(ckpt_dir), torch.device("cpu"))
+            resumed_meta = json.loads((Path(ckpt_dir) / META).read_text())
         step = int(train_state["step"])
-        log.info("rank %d resumed from step %d", rank, step)
+        log.info("rank %d of %d resumed from step %d", rank, world, step)
     elif tcfg.init_from:
         init_from(model, tcfg.init_from)
 
-    model, update, channels_last = prepare_for_training(model, cfg, device, world)
+    model, update, channels_last = prepare_for_training(model, cfg, device, world, rank)
     if train_state is not None:
         update.load_state(train_state)
         set_rng_state(train_state["rng"])
@@ -124,34 +141,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
         tracker = tracking.RunLogger(loop_config["mlflow_run_id"], loop_config["tracking_uri"])
-    if tracker is not None and resumed is not None:
-        tracker.log_metrics({"resumed_from_step": step}, step)
+    if tracker is not None:
+        if resumed is not None:
+            tracker.log_metrics({"resumed_from_step": step}, step)
+        elastic.record_group_start(tracker, world, step, resumed_meta, loop_config.get("job_start"))
     val_images = batches_lib.validation_images(cfg.data, cfg.model.scales, storage=cfg.storage) if rank == 0 else []
 
     shard = ray.train.get_dataset_shard("train")
-    per_worker = tcfg.batch_size // world
+    share = batch_share(tcfg.batch_size, world, rank)
     # MDSR under DDP: the ranks agree on each update's scale over a CPU (gloo) group, so no GPU sync is involved.
     scale_group, multi_scale = None, len(cfg.model.scales) > 1 and world > 1
     if multi_scale and torch.distributed.get_backend() != "gloo":
         scale_group = torch.distributed.new_group(backend="gloo")
     # Every rank must take the same number of steps per epoch (DDP), whatever mix of scales its shard received: with
     # one scale exactly this many; with several the agreement ends the epoch on all ranks together, this is a cap.
-    num_batches = batches_lib.batches_per_epoch(cfg.data, per_worker, world, cfg.model.scales)
+    # Every rank receives the same number of patches; the rank with the largest share runs out first.
+    largest = batch_share(tcfg.batch_size, world, 0)
+    num_batches = batches_lib.batches_per_epoch(cfg.data, largest, world, cfg.model.scales)
     if num_batches < 1:
         raise EdsrRayError(
-            f"data.epoch_patches={cfg.data.epoch_patches} is too small for {world} workers with a batch of "
-            f"{per_worker} each at scales {list(cfg.model.scales)}: raise data.epoch_patches"
+            f"data.epoch_patches={cfg.data.epoch_patches} is too small for {world} workers with a batch of up to "
+            f"{largest} each at scales {list(cfg.model.scales)}: raise data.epoch_patches"
         )
     best_psnr = float(loop_config.get("best_psnr", -math.inf))
-    losses = LossWindow(tcfg.log_every, device)
+    losses = LossWindow(tcfg.log_every, device, weight=share_weight(tcfg.batch_size, world, rank))
+    clock = elastic.CheckpointClock(cfg.run.checkpoint_every_s)
+    notice = None  # the preemption Ray announced for this group; kept in every later checkpoint of the group
     window_start, window_updates = time.perf_counter(), 0
+    window_patches: list[float] = []
     status = "finished"
     epoch = 0
     while step < tcfg.total_steps and status == "finished":
         epoch += 1
         batches = batches_lib.iter_training_batches(
             shard,
-            per_worker,
+            share,
             cfg.model.scales,
             device=device,
             channels_last=channels_last,
@@ -164,19 +188,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         epoch_start = step
         for lr, hr, scale in batches:
-            losses.add(update(lr, hr, scale))
+            losses.add(update(lr, hr, scale), patches=len(lr))
             step += 1
             window_updates += 1
             log_now = step % tcfg.log_every == 0
             validate_now = step % tcfg.val_every == 0 or step == tcfg.total_steps
+            checkpoint_reason = None
             if log_now or validate_now or losses.full:
-                # The losses of the last updates, averaged across ranks: every rank takes the same decision.
+                # The losses of the last updates, averaged across ranks: every rank takes the same decision. Rank 0's
+                # clock rides along: time for a checkpoint on every rank at once.
                 pending = losses.pending
-                bad = losses.check(world)
+                bad = losses.check(world, extra=(float(rank == 0 and clock.due()),))
                 if bad is not None:
                     step = step - pending + bad + 1  # the update whose loss was first non-finite
                     status = "nonfinite"
                     break
+                window_patches += losses.patches.tolist()
+                if losses.extra[0] > 0:
+                    checkpoint_reason = "time"
+            if log_now and notice is None:
+                notice = elastic.preemption_notice()  # a collective, every log_every updates on every rank
+                if notice is not None:
+                    checkpoint_reason = "preemption"
+                    if rank == 0:
+                        log.info("preemption announced for ranks %s at update %d: checkpointing", notice["ranks"], step)
             if log_now:
                 elapsed = time.perf_counter() - window_start
                 if tracker is not None:
@@ -185,24 +220,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                             "loss": losses.mean,
                             "lr": update.lr,
                             "patches_per_s": window_updates * tcfg.batch_size / elapsed,
+                            "patches_per_update_min": min(window_patches),
+                            "patches_per_update_max": max(window_patches),
                             "epoch": epoch,
+                            elastic.WORKERS_METRIC: world,
                         },
                         step,
                     )
                 if rank == 0:
                     log.info("step %d/%d loss %.4f lr %.3g", step, tcfg.total_steps, losses.mean, update.lr)
                 losses.reset()
-                window_start, window_updates = time.perf_counter(), 0
-            if validate_now:
-                best_psnr = _validate_and_checkpoint(
-                    model, update, step, rank, val_images, device, tcfg.precision, tracker, best_psnr, loop_config
+                window_start, window_updates, window_patches = time.perf_counter(), 0, []
+            if validate_now or checkpoint_reason is not None:
+                best_psnr = _checkpoint(
+                    model,
+                    update,
+                    step,
+                    rank,
+                    world,
+                    val_images if validate_now else None,
+                    device,
+                    tcfg.precision,
+                    tracker,
+                    best_psnr,
+                    loop_config,
+                    reason="validation" if validate_now else checkpoint_reason,
+                    notice=notice,
                 )
+                if rank == 0:
+                    clock.reset()
                 window_start, window_updates = time.perf_counter(), 0
             if step >= tcfg.total_steps:
                 break
         if status == "finished" and step == epoch_start:
             raise EdsrRayError(
-                f"epoch {epoch} gave no batch of {per_worker} patches at one scale on every worker: raise "
+                f"epoch {epoch} gave no batch of {share} patches at one scale on every worker: raise "
                 f"data.epoch_patches (now {cfg.data.epoch_patches})"
             )
     if status == "nonfinite" and tracker is not None:
@@ -210,34 +262,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return {"status": status, "step": step, "best_psnr": best_psnr}
 
 
-def _validate_and_checkpoint(
-    model, update, step, rank, val_images, device, precision, tracker, best_psnr, loop_config
+def _checkpoint(
+    model, update, step, rank, world, val_images, device, precision, tracker, best_psnr, loop_config, *, reason, notice
 ) -> float:
-    """Rank 0 validates and writes the checkpoint; every rank reports (``ray.train.report`` is a barrier)."""
+    """Rank 0 validates (``val_images`` not None) and writes the checkpoint; every rank reports (``ray.train.report``
+    is a barrier). ``reason``: validation, time or preemption; ``notice``: the group's preemption notice, if any."""
     import ray.train
 
     metrics: dict[str, float] = {"step": float(step)}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return best_psnr
-    val_metrics, picture = validate(model, val_images, device, precision) if val_images else ({}, None)
-    metrics.update(val_metrics)
     metrics["lr"] = update.lr
-    score = metrics.get("val_psnr", float(step))
-    metrics["val_psnr"] = score  # the checkpoint score attribute must always be present
-    best_psnr = max(best_psnr, score)
-    if tracker is not None:
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
-        if picture is not None and loop_config["config"]["tracking"]["log_images"]:
-            tracker.log_image(picture, f"validation/step_{step:08d}.png")
-    log.info("step %d validation %s", step, {k: round(v, 4) for k, v in val_metrics.items()})
+    if val_images is None:
+        metrics["val_psnr"] = UNVALIDATED_SCORE  # the checkpoint score attribute must always be present
+        log.info("step %d checkpoint (%s)", step, reason)
+    else:
+        val_metrics, picture = validate(model, val_images, device, precision) if val_images else ({}, None)
+        metrics.update(val_metrics)
+        score = metrics.get("val_psnr", float(step))
+        metrics["val_psnr"] = score
+        best_psnr = max(best_psnr, score)
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+            if picture is not None and loop_config["config"]["tracking"]["log_images"]:
+                tracker.log_image(picture, f"validation/step_{step:08d}.png")
+        log.info("step %d validation %s", step, {k: round(v, 4) for k, v in val_metrics.items()})
+    meta = {
+        "metrics": metrics,
+        "mlflow_run_id": loop_config.get("mlflow_run_id"),
+        "reason": reason,
+        "workers": world,
+        "time": time.time(),
+        "notice": notice,
+    }
     with tempfile.TemporaryDirectory(prefix="edsr-ckpt-") as tmp:
-        save_checkpoint(
-            Path(tmp),
-            model,
-            update,
-            step,
-            {"metrics": metrics, "mlflow_run_id": loop_config.get("mlflow_run_id")},
-        )
+        save_checkpoint(Path(tmp), model, update, step, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     return best_psnr

@@ -5,13 +5,18 @@
 runs :func:`~edsr_ray.training.loop.train_loop_per_worker` on every worker, shows the workers' progress here
 (:class:`~edsr_ray.infra.ray.LogRelay`), and registers the final and best models in MLflow; :func:`train` is what
 ``jobs/train.py`` calls. Re-running the same ``run.name`` and ``run.storage_path`` resumes from the latest checkpoint
-(:mod:`edsr_ray.training.checkpoints`); a worker that dies restarts the group from it (``run.max_failures``).
+(:mod:`edsr_ray.training.checkpoints`); a worker that dies restarts the group from it (``run.max_failures``; a node
+drained for preemption counts against ``run.max_preemptions`` instead). With ``workers.num_workers: [min, max]`` the
+group is elastic: Ray Train starts it once ``min`` workers fit, restarts it larger when nodes arrive (looking every
+``workers.resize_check_s``) and smaller when nodes go, each time from the latest checkpoint
+(:mod:`edsr_ray.training.elastic`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +112,8 @@ def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutco
     resources = {"CPU": workers.cpus_per_worker}
     if workers.use_gpu:
         resources["GPU"] = 1
+    if workers.node_resource:
+        resources[workers.node_resource] = 1
     with relayed_logs() as mailbox:  # the workers' progress, shown by this driver
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -115,18 +122,23 @@ def run_training(cfg: ExperimentConfig, *, source: str = "config") -> TrainOutco
                 "tracking_uri": uri,
                 "mlflow_run_id": run_id,
                 "log_mailbox": mailbox,
+                "job_start": time.time(),
             },
             scaling_config=ray.train.ScalingConfig(
+                # A (min, max) tuple makes the group elastic (Ray's form; the config holds it as a tuple already).
                 num_workers=workers.num_workers,
                 use_gpu=workers.use_gpu,
                 resources_per_worker=resources,
                 placement_strategy=workers.placement_strategy,
+                elastic_resize_monitor_interval_s=workers.resize_check_s,
             ),
             run_config=ray.train.RunConfig(
                 name=cfg.run.name,
                 storage_path=storage_path,
                 storage_filesystem=storage_fs,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+                failure_config=ray.train.FailureConfig(
+                    max_failures=cfg.run.max_failures, max_preemption_failures=cfg.run.max_preemptions
+                ),
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=cfg.run.num_to_keep,
                     checkpoint_score_attribute="val_psnr",

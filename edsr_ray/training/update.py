@@ -3,6 +3,13 @@
 :class:`UpdateStep` (L1 loss, Adam, the step schedule; eager or compiled) and :class:`LossWindow` (losses kept on the
 device and checked every few updates, so no update waits for the host) are the pieces every training worker runs
 (:mod:`edsr_ray.training.loop`); ``benchmarks/bench_train.py`` times them.
+
+The global batch at any group size (:func:`batch_share`): ``train.batch_size`` B is split unevenly over the W
+workers of the current group (rank r takes ``B // W + (r < B % W)`` patches, so 16 over 3 is 6, 5, 5). DDP averages
+the ranks' gradients (divides their sum by W), so each rank scales its mean loss by ``n_r * W / B``
+(:func:`share_weight`): the averaged gradient is then exactly the mean over all B patches, as one process would
+compute it (EDSR has no batch normalisation, so which rank holds which patch does not matter). Accumulating
+micro-batches would be exact too but costs a forward/backward pass per micro-batch; the uneven split costs nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +48,18 @@ def make_optimizer(
     return optimizer, scheduler
 
 
+def batch_share(batch_size: int, world_size: int, rank: int) -> int:
+    """Patches rank ``rank`` of ``world_size`` takes of a global batch of ``batch_size`` (shares differ by <= 1)."""
+    if not 0 <= rank < world_size <= batch_size:
+        raise EdsrRayError(f"rank {rank} of {world_size} workers cannot share a batch of {batch_size} patches")
+    return batch_size // world_size + int(rank < batch_size % world_size)
+
+
+def share_weight(batch_size: int, world_size: int, rank: int) -> float:
+    """The factor on a rank's mean loss that makes DDP's average of the gradients the mean over the global batch."""
+    return batch_share(batch_size, world_size, rank) * world_size / batch_size
+
+
 # Adam options that choose how the update is computed, not what it computes.
 _IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
@@ -57,11 +76,15 @@ class UpdateStep:
     (tens of seconds).
 
     ``model`` is the prepared (DDP-wrapped where distributed) model; ``optimizer`` and ``scheduler`` are exposed for
-    checkpoints, ``load_state`` restores them in either form.
+    checkpoints, ``load_state`` restores them in either form. ``loss_weight`` (:func:`share_weight`) scales the loss
+    before the backward pass, outside the compiled graph (so the graph does not depend on the rank's share).
     """
 
-    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, *, world_size: int = 1) -> None:
+    def __init__(
+        self, model: torch.nn.Module, cfg, device: torch.device, *, world_size: int = 1, loss_weight: float = 1.0
+    ) -> None:
         self.model = model
+        self.loss_weight = float(loss_weight)
         self.autocast_dtype = _precision(cfg.precision, device)
         self.compiled = bool(cfg.compile)
         on_gpu = device.type == "cuda"
@@ -94,7 +117,7 @@ class UpdateStep:
         self.optimizer.zero_grad(set_to_none=True)
         try:
             loss = self._loss(lr, hr, scale)
-            loss.backward()
+            (loss * self.loss_weight if self.loss_weight != 1.0 else loss).backward()
             self._apply()
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # compiled lazily: first call, each new scale
             cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
@@ -142,40 +165,54 @@ class LossWindow:
     written into a device buffer and read, all-reduced across the workers, once per ``check``: every ``log_every``
     updates and before each validation/checkpoint, so a non-finite loss is still caught before a checkpoint could
     save its weights, and the exact update where it appeared is still known.
+
+    With workers of unequal shares each rank's loss counts by its ``weight`` (:func:`share_weight`), so the checked
+    loss is the mean over the global batch. The same all-reduce carries the number of patches each update used
+    (summed over the ranks: :attr:`patches`, one value per update of the last check) and any ``extra`` values the
+    caller wants summed across the workers (:attr:`extra`), so that decisions shared by all ranks cost no collective
+    of their own.
     """
 
-    def __init__(self, size: int, device: torch.device) -> None:
-        self._buffer = torch.zeros(size, dtype=torch.float32, device=device)
+    def __init__(self, size: int, device: torch.device, *, weight: float = 1.0) -> None:
+        self._buffer = torch.zeros(2, size, dtype=torch.float32, device=device)  # losses, patches per update
         self._count = 0
+        self.weight = float(weight)
         self.total, self.count = 0.0, 0  # finite losses since the last ``reset``
+        self.patches = np.zeros(0)
+        self.extra = np.zeros(0)
 
-    def add(self, loss: torch.Tensor) -> None:
-        if self._count == self._buffer.numel():
+    def add(self, loss: torch.Tensor, patches: int = 0) -> None:
+        if self._count == self._buffer.shape[1]:
             raise EdsrRayError("LossWindow is full: call check() every `size` updates at most")
-        self._buffer[self._count] = loss
+        self._buffer[0, self._count] = loss
+        self._buffer[1, self._count] = patches
         self._count += 1
 
     @property
     def full(self) -> bool:
-        return self._count == self._buffer.numel()
+        return self._count == self._buffer.shape[1]
 
     @property
     def pending(self) -> int:
         """Losses added since the last ``check``."""
         return self._count
 
-    def check(self, world_size: int = 1) -> int | None:
+    def check(self, world_size: int = 1, extra: tuple[float, ...] = ()) -> int | None:
         """Fold the pending losses in; returns the 0-based offset of the first non-finite one among them, or None.
 
         With several workers the losses are averaged across them first (a collective call: every worker must check
         at the same update), so all workers agree on the outcome.
         """
-        pending = self._buffer[: self._count]
+        n = self._count
+        losses = self._buffer[0, :n] * self.weight
+        flags = torch.tensor(extra, dtype=torch.float32, device=losses.device)
+        packed = torch.cat([losses, self._buffer[1, :n], flags])
         if world_size > 1:
-            pending = pending.clone()
-            torch.distributed.all_reduce(pending)  # a sum, then divided: gloo had no AVG until 2025 releases
-            pending /= world_size
-        values = pending.cpu().numpy().astype(np.float64)
+            # A sum, then divided (gloo had no AVG until 2025 releases): with the weights, the global batch's mean.
+            torch.distributed.all_reduce(packed)
+            packed[:n] /= world_size
+        summed = packed.cpu().numpy().astype(np.float64)
+        values, self.patches, self.extra = summed[:n], summed[n : 2 * n], summed[2 * n :]
         self._count = 0
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
