@@ -124,9 +124,13 @@ def test_two_gloo_workers_on_different_nodes_train_from_s3(cluster):
     assert state["step"] == 8 and state["scheduler"]["last_epoch"] == 8
 
 
-# Long enough to outlast the resizes: a good part of it runs at 1 worker while node B restarts and Ray grows the group.
-# Epochs of 2 updates bound the pace on a fast machine (each epoch starts a new pass of the Ray Data stream).
+# The elastic run must outlast the resizes (a good part of it runs at 1 worker while node B restarts and Ray grows the
+# group), however fast this machine trains: its length is the larger of TOTAL_STEPS and RESIZE_BUDGET_S of training at
+# the pace the fixed run measured first. Epochs of 2 updates (each a new pass of the Ray Data stream) also bound it.
 TOTAL_STEPS = 300
+FIXED_STEPS = TOTAL_STEPS // 2
+RESIZE_BUDGET_S = 240.0
+LOG_EVERY = 10
 LR_STEP = 60
 
 
@@ -140,7 +144,7 @@ def _elastic_config(name: str, num_workers, total_steps: int = TOTAL_STEPS) -> E
             "lr_step": LR_STEP,
             "total_steps": total_steps,
             "val_every": total_steps,
-            "log_every": 10,
+            "log_every": LOG_EVERY,
         },
         workers={"num_workers": num_workers, "cpus_per_worker": 2, "resize_check_s": 5},
         # No failure allowed (max_failures 0): a stop announced as a preemption must not count as one.
@@ -161,7 +165,7 @@ def _wait_for(what: str, predicate, run: threading.Thread, timeout_s: float = 30
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if not run.is_alive():
-            pytest.fail(f"the run ended before {what}: raise TOTAL_STEPS so that it outlasts the resizes")
+            pytest.fail(f"the run ended before {what}: raise RESIZE_BUDGET_S so that it outlasts the resizes")
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} within {timeout_s:.0f} s")
         time.sleep(0.5)
@@ -178,11 +182,20 @@ def _last_per_step(run_id: str, key: str) -> dict[int, float]:
 
 
 def test_elastic_run_shrinks_and_grows_and_computes_what_a_fixed_run_computes(cluster):
+    # The same recipe at a fixed size first (1 worker, the faster here: the recipe does not depend on it), for the
+    # first FIXED_STEPS updates; its pace sets how long the elastic run must be to outlast the resizes.
+    fixed = run_training(_elastic_config("fixed", 1, total_steps=FIXED_STEPS))
+    assert fixed.steps == FIXED_STEPS
+    logged = _history(fixed.mlflow_run_id, "loss")
+    seconds_per_update = (logged[-1].timestamp - logged[0].timestamp) / 1000 / (logged[-1].step - logged[0].step)
+    needed = RESIZE_BUDGET_S / max(seconds_per_update, 1e-3)
+    total_steps = max(TOTAL_STEPS, LOG_EVERY * int(np.ceil(needed / LOG_EVERY)))
+    print(f"\nfixed run: {seconds_per_update * 1000:.0f} ms per update; the elastic run takes {total_steps} updates")
     results: dict = {}
 
     def train(name, workers):
         try:
-            results[name] = run_training(_elastic_config(name, workers))
+            results[name] = run_training(_elastic_config(name, workers, total_steps=total_steps))
         except BaseException as exc:  # reported by the assertions below
             results[name] = exc
 
@@ -210,11 +223,11 @@ def test_elastic_run_shrinks_and_grows_and_computes_what_a_fixed_run_computes(cl
     print(f"\nelastic: training at 1 worker {shrink_s:.0f} s after node B was stopped, at 2 again {grow_s:.0f} s after")
 
     # Exactly total_steps updates, and the schedule where a fixed run has it.
-    assert elastic.steps == TOTAL_STEPS
+    assert elastic.steps == total_steps
     state = torch.load(
         io.BytesIO(storage.read_bytes(f"s3://{elastic.checkpoint_path}/train_state.pt")), weights_only=True
     )
-    assert state["step"] == TOTAL_STEPS and state["scheduler"]["last_epoch"] == TOTAL_STEPS
+    assert state["step"] == total_steps and state["scheduler"]["last_epoch"] == total_steps
     run_id = elastic.mlflow_run_id
 
     # The group went 2 -> 1 -> 2, each resize recorded once with its cause, nothing counted as a failure (max_failures
@@ -237,16 +250,13 @@ def test_elastic_run_shrinks_and_grows_and_computes_what_a_fixed_run_computes(cl
     for key in ("patches_per_update_min", "patches_per_update_max"):
         assert {m.value for m in _history(run_id, key)} == {5.0}, key
     lrs = _last_per_step(run_id, "lr")
-    assert sorted(lrs) == list(range(10, TOTAL_STEPS + 1, 10))
+    assert sorted(lrs) == list(range(LOG_EVERY, total_steps + 1, LOG_EVERY))
     for step, value in lrs.items():
-        assert value == pytest.approx(1e-3 * 0.5 ** (step // LR_STEP)), step
+        assert value == pytest.approx(1e-3 * 0.5 ** (step // LR_STEP), rel=1e-6, abs=0), step
 
-    # The same recipe at a fixed size (1 worker, the faster here: the recipe does not depend on it) on the same
-    # cluster, for the first half of the schedule: the same learning rates, and a loss curve that differs only by the
-    # data order (patches are drawn afresh, and the resized run redid some updates on other patches).
-    half = TOTAL_STEPS // 2
-    fixed = run_training(_elastic_config("fixed", 1, total_steps=half))
-    assert fixed.steps == half
+    # Against the fixed run, over its FIXED_STEPS updates: the same learning rates, and a loss curve that differs only
+    # by the data order (patches are drawn afresh, and the resized run redid some updates on other patches).
+    half = FIXED_STEPS
     fixed_lrs = _last_per_step(fixed.mlflow_run_id, "lr")
     assert fixed_lrs == {s: v for s, v in lrs.items() if s <= half}
     a, b = _last_per_step(run_id, "loss"), _last_per_step(fixed.mlflow_run_id, "loss")
