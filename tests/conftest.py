@@ -230,3 +230,15 @@ def lr_input() -> torch.Tensor:
     crop = photos()["coffee"][100:112, 200:210]
     # contiguous NCHW: a permuted (channels-last) view would send the convs down a much slower path on CPU
     return torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float().contiguous()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A fresh MLflow store on sqlite in this test's own project home; its tracking URI."""
+    from edsr_ray import tracking
+
+    monkeypatch.setenv("EDSR_RAY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.resolve_tracking_uri()
+    tracking.check_tracking_uri(uri)
+    return uri

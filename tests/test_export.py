@@ -224,14 +224,11 @@ def test_checkpoints_on_s3_export_and_s3_output(s3, nets, crops, tmp_path, capsy
 
 
 @pytest.fixture
-def registry(tmp_path, monkeypatch):
-    """A model registered in a real MLflow store on sqlite: models:/export-edsr/1 (alias best)."""
+def registry(mlflow_store):
+    """A run logger in a real MLflow store on sqlite, where the test registers its model."""
     from edsr_ray import tracking
 
-    monkeypatch.setenv("EDSR_RAY_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.resolve_tracking_uri()
-    tracking.check_tracking_uri(uri)
+    uri = mlflow_store
     run_id = tracking.find_or_create_run(TrackingConfig(experiment="export"), "runs/e", "e", uri, resume=False)
     logger = tracking.RunLogger(run_id, uri)
     return logger

@@ -16,12 +16,8 @@ from edsr_ray.mlflow_model import log_model
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDSR_RAY_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.resolve_tracking_uri()
-    tracking.check_tracking_uri(uri)
-    return uri
+def store(mlflow_store):
+    return mlflow_store
 
 
 def test_default_uri_is_absolute_sqlite_in_the_project_home(store, tmp_path):
