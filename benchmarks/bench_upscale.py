@@ -45,7 +45,7 @@ from _machine import append_results, load_average, machine  # what every benchma
 from PIL import Image
 from torch import nn
 
-from edsr_ray import batch
+from edsr_ray.batch import job as batch  # the driver: run_upscale, its compute options and plans
 from edsr_ray.batch.stages import CodecOptions, encode_output
 from edsr_ray.codecs import DecodedImage, check_encoded_size, decode_image
 from edsr_ray.models import EDSR, edsr_baseline
