@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -180,6 +181,11 @@ class _Forward(logging.Handler):
             self.handleError(record)
 
 
+# How long a relay keeps draining on exit for records still on their way from the workers.
+EXIT_SETTLE_S = 2.0
+EXIT_QUIET_DRAINS = 5  # empty drains 0.1 s apart that end the wait sooner
+
+
 class LogRelay:
     """Carries the log records of the project's own loggers (``edsr_ray.*``) from Ray workers to the driver's logging.
 
@@ -202,7 +208,12 @@ class LogRelay:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._drain()
+        # A worker posts without waiting, so its last records can reach the mailbox just after its work returned to
+        # this driver: drain until the mailbox has stayed empty for a moment (bounded by EXIT_SETTLE_S).
+        deadline, quiet = time.monotonic() + EXIT_SETTLE_S, 0
+        while quiet < EXIT_QUIET_DRAINS and time.monotonic() < deadline:
+            quiet = 0 if self._drain() else quiet + 1
+            time.sleep(0.1)
         import ray
 
         ray.kill(self.mailbox)
@@ -211,16 +222,18 @@ class LogRelay:
         while not self._stop.wait(self._interval_s):
             self._drain()
 
-    def _drain(self) -> None:
+    def _drain(self) -> int:
+        """Re-emit what the workers posted; returns how many records there were."""
         import ray
 
         try:
             items = ray.get(self.mailbox.take.remote(), timeout=30)
         except Exception as exc:  # the cluster is going away: the run itself reports that
             log.debug("log relay: %s", exc)
-            return
+            return 0
         for item in items:
             logging.getLogger(item["name"]).handle(logging.makeLogRecord(item))
+        return len(items)
 
 
 def forward_logs(mailbox: Any, source: str) -> None:
